@@ -1,0 +1,1 @@
+"""The offline half: export of guarded vision-language models to ONNX bundles."""

@@ -1,0 +1,159 @@
+"""`export_bundle`: a Hugging Face checkpoint in, a guarded ONNX bundle out (DESIGN.md)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from vlmguard import __version__
+from vlmguard.errors import OutputExistsError
+from vlmguard.manifest import write_manifest
+
+from .families import FamilySpec, family_for
+from .graphs import GraphPlan, decoder_plan, embed_plan, vision_plan
+from .guard_settings import (
+    PTR_REFERENCE_TEXT,
+    GuardSettings,
+    resolve_settings,
+    settings_record,
+)
+from .onnx_io import export_onnx
+from .source import copy_processing_files, load_source, resolve_source
+
+GRAPH_FILES = {
+    "vision_encoder": "onnx/vision_encoder.onnx",
+    "embed_tokens": "onnx/embed_tokens.onnx",
+    "decoder": "onnx/decoder_model_merged.onnx",
+}
+
+
+def _check_output(out: Path, force: bool) -> None:
+    """Refuse a non-empty output directory unless the user asked to replace it."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputExistsError(f"{out} is not empty; pass --force to replace it")
+
+
+def ptr_reference(
+    spec: FamilySpec, model: torch.nn.Module, tokenizer: object, layer: int
+) -> torch.Tensor:
+    """SafePTR's R: the residual stream entering `layer` at the safety instruction's last token."""
+    ids = torch.tensor([tokenizer(PTR_REFERENCE_TEXT)["input_ids"]])
+    language_model = spec.resolve(model, spec.language_model)
+    with torch.no_grad():
+        embeds = spec.resolve(model, spec.embed_tokens)(ids)
+        states = language_model(inputs_embeds=embeds, output_hidden_states=True).hidden_states
+    return states[layer][0, -1].float()
+
+
+def _graph_record(plan: GraphPlan, file: str) -> dict:
+    """A graph's entry in guard_config.json."""
+    return {
+        "file": file,
+        "inputs": [spec.record() for spec in plan.inputs],
+        "outputs": [spec.record() for spec in plan.outputs],
+    }
+
+
+def _model_record(spec: FamilySpec, config: object) -> dict:
+    """Shapes and token layout the runtime needs without loading transformers."""
+    text = config.text_config
+    heads = text.num_attention_heads
+    return {
+        "family": spec.name,
+        "vision_model_type": config.vision_config.model_type,
+        "text_model_type": text.model_type,
+        "num_layers": text.num_hidden_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": text.num_key_value_heads,
+        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads,
+        "hidden_size": text.hidden_size,
+        "vocab_size": text.vocab_size,
+        "max_position_embeddings": text.max_position_embeddings,
+        "sliding_window": getattr(text, "sliding_window", None),
+        "image": {
+            "token": spec.image_token,
+            "token_id": getattr(config, spec.image_token_field),
+            "tokens_per_image": spec.num_image_tokens(config),
+            "image_size": config.vision_config.image_size,
+        },
+    }
+
+
+def export_bundle(
+    source: str | Path,
+    out: str | Path,
+    defenses: frozenset[str] = frozenset({"oh", "ptr", "align"}),
+    dtype: str = "fp32",
+    *,
+    ptr_window: tuple[int, int] | None = None,
+    oh_layer: int | None = None,
+    oh_head: int | None = None,
+    force: bool = False,
+    on_step: Callable[[str], None] = lambda step: None,
+) -> Path:
+    """Export a LLaVA-family checkpoint to a guarded ONNX bundle directory and return its path."""
+    if dtype != "fp32":
+        raise ValueError(f"--dtype {dtype} is not supported yet; use fp32")
+    out = Path(out)
+    _check_output(out, force)
+    source_dir = resolve_source(str(source))
+    on_step(f"loading {source_dir}")
+    loaded = load_source(source_dir)
+    config = loaded.model.config
+    spec = family_for(config)
+    text = config.text_config
+    settings: GuardSettings = resolve_settings(
+        defenses, text.num_hidden_layers, text.num_attention_heads, ptr_window, oh_layer, oh_head
+    )
+    reference = (
+        ptr_reference(spec, loaded.model, loaded.tokenizer, settings.ptr_window[0])
+        if settings.ptr
+        else None
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        graphs = {}
+        plans = {
+            "vision_encoder": lambda: vision_plan(spec, loaded.model),
+            "embed_tokens": lambda: embed_plan(spec, loaded.model),
+            "decoder": lambda: decoder_plan(spec, loaded.model, settings, reference),
+        }
+        for role, make_plan in plans.items():
+            on_step(f"exporting {GRAPH_FILES[role]}")
+            plan = make_plan()
+            export_onnx(
+                plan.module, plan.example, plan.inputs, plan.outputs, staging / GRAPH_FILES[role]
+            )
+            graphs[role] = _graph_record(plan, GRAPH_FILES[role])
+        on_step("copying tokenizer, processor and chat template")
+        special_tokens = copy_processing_files(loaded, staging)
+        on_step("hashing files into guard_config.json")
+        write_manifest(
+            staging,
+            {
+                "vlmguard_version": __version__,
+                "created_unix": int(time.time()),
+                "source": str(source),
+                "dtype": "float32",
+                "model": _model_record(spec, config),
+                "special_tokens": special_tokens,
+                "graphs": graphs,
+                "guards": settings_record(settings, text.num_hidden_layers),
+            },
+        )
+        for path in [staging, *staging.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

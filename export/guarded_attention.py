@@ -1,0 +1,85 @@
+"""The one guarded attention function that carries align, ptr and oh into every family.
+
+Registered with transformers' `AttentionInterface` under `GUARDED_ATTENTION`; the decoder
+passes an `AttentionGuard` per layer call through the layers' `**kwargs`. Eager math on
+purpose: the guards need the attention logits, which fused SDPA never exposes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+
+GUARDED_ATTENTION = "vlmguard_guarded"
+OH_MUTE_SCALE = 1e-5  # Oh Defense scales the head's query slice, it does not zero it [code]
+
+
+@dataclass
+class AttentionGuard:
+    """Per-call guard tensors; `None` fields add no compute."""
+
+    align_gamma: torch.Tensor | None = None  # [] strength for this layer (0 = off)
+    align_calibrated: torch.Tensor | None = None  # [B, 1, Q, K] bool: query after prefix, key in it
+    blocked_keys: torch.Tensor | None = None  # [B, K] bool: SafePTR-pruned keys
+    muted_head: int | None = None  # Oh Defense: head whose query is scaled by 1e-5
+
+
+def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """Expand grouped KV heads to one per query head."""
+    if groups == 1:
+        return states
+    batch, kv_heads, length, dim = states.shape
+    states = states[:, :, None].expand(batch, kv_heads, groups, length, dim)
+    return states.reshape(batch, kv_heads * groups, length, dim)
+
+
+def guarded_logits(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    allowed: torch.Tensor,
+    guard: AttentionGuard | None,
+) -> torch.Tensor:
+    """Scaled attention logits with the guards applied and disallowed keys at the dtype minimum."""
+    logits = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if guard is not None and guard.muted_head is not None:
+        head = guard.muted_head
+        scale = torch.ones(logits.shape[1], dtype=logits.dtype, device=logits.device)
+        scale[head] = OH_MUTE_SCALE
+        logits = logits * scale[None, :, None, None]  # same as scaling that head's query
+    if guard is not None and guard.align_gamma is not None:
+        boost = guard.align_gamma * torch.relu(logits)
+        logits = logits + torch.where(guard.align_calibrated, boost, torch.zeros_like(boost))
+    if guard is not None and guard.blocked_keys is not None:
+        allowed = allowed & ~guard.blocked_keys[:, None, None, :]
+    return torch.where(allowed, logits, torch.finfo(logits.dtype).min)
+
+
+def guarded_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    attention_guard: AttentionGuard | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention over a boolean `allowed` mask [B, 1, Q, K] with the guards applied."""
+    groups = module.num_key_value_groups
+    key = repeat_kv(key, groups)
+    value = repeat_kv(value, groups)
+    if attention_mask is None:
+        attention_mask = torch.ones(
+            query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device
+        )[None, None]
+    logits = guarded_logits(query, key, scaling, attention_mask, attention_guard)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return output, probs
+
+
+AttentionInterface.register(GUARDED_ATTENTION, guarded_attention)

@@ -1,0 +1,116 @@
+"""Turn a torch module into a named ONNX file: dynamic axes, readable dim names, external data."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import Dim
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+EXTERNAL_DATA_THRESHOLD = 1024  # bytes: every weight tensor above this goes to <file>_data
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, dims (str = dynamic axis name, int = fixed), dtype."""
+
+    name: str
+    dims: tuple[str | int, ...]
+    dtype: str
+
+    def record(self) -> dict:
+        """The JSON form written to guard_config.json."""
+        return {"name": self.name, "shape": list(self.dims), "dtype": self.dtype}
+
+
+def _dynamic_shapes(specs: list[TensorSpec]) -> list[dict[int, object]]:
+    """torch.export dynamic shapes: every named axis dynamic, every numbered one static."""
+    return [
+        {axis: Dim.DYNAMIC for axis, dim in enumerate(spec.dims) if isinstance(dim, str)}
+        for spec in specs
+    ]
+
+
+def _name_dims(model: onnx.ModelProto, specs: list[TensorSpec], values: list) -> None:
+    """Replace the exporter's symbolic dims (s37, ...) with our axis names."""
+    by_name = {spec.name: spec for spec in specs}
+    for value in values:
+        spec = by_name[value.name]
+        shape = value.type.tensor_type.shape
+        for dim, want in zip(shape.dim, spec.dims, strict=True):
+            if isinstance(want, str):
+                dim.dim_param = want
+            else:
+                dim.dim_value = want
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Keep torch.onnx's progress prints and warnings ('torchvision is not installed') quiet."""
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    example_inputs: list[torch.Tensor],
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    path: Path,
+) -> Path:
+    """Export `module(*example_inputs)` to `path` with external data in `<file>_data`."""
+    names = [spec.name for spec in inputs]
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            _Flat(module),
+            tuple(example_inputs),
+            dynamo=True,
+            input_names=names,
+            output_names=[spec.name for spec in outputs],
+            dynamic_shapes=(tuple(_dynamic_shapes(inputs)),),  # one entry: the *tensors
+            verbose=False,
+        )
+    model = program.model_proto
+    _name_dims(model, inputs, list(model.graph.input))
+    _name_dims(model, outputs, list(model.graph.output))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_name = path.name + "_data"
+    (path.parent / data_name).unlink(missing_ok=True)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=EXTERNAL_DATA_THRESHOLD,
+    )
+    onnx.checker.check_model(str(path))
+    return path
+
+
+class _Flat(torch.nn.Module):
+    """Present a module as taking flat positional tensors, so input names map one to one."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Forward the flat tensors to the wrapped module's `flat_forward`."""
+        result = self.module.flat_forward(*tensors)
+        return result if isinstance(result, tuple) else (result,)

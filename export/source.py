@@ -1,0 +1,104 @@
+"""Find, check and load a source checkpoint; copy the files the runtime needs from it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from vlmguard.errors import SourceError
+
+from .families import family_for
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+REQUIRED_FILES = ("config.json", "tokenizer.json", "preprocessor_config.json")
+OPTIONAL_COPIES = (
+    "generation_config.json",
+    "processor_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+@dataclass
+class LoadedSource:
+    """A loaded checkpoint: its directory, model, tokenizer and processor."""
+
+    path: Path
+    model: torch.nn.Module
+    tokenizer: object
+    processor: object
+
+
+def resolve_source(source: str) -> Path:
+    """A local checkpoint directory, or a model id already in the Hugging Face cache."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise SourceError(f"{source} is a file; pass a checkpoint directory or a model id")
+    if source.startswith(("/", ".", "~")):
+        raise SourceError(f"{source} does not exist; pass a checkpoint directory or a model id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception as err:  # not a valid id, or not cached: both mean "not here"
+        raise SourceError(
+            f"{source!r} is neither a local directory nor a model in the Hugging Face cache; "
+            f"download it first (`hf download {source}`) or pass a checkpoint directory"
+        ) from err
+
+
+def check_files(path: Path) -> None:
+    """Say which of the files an export needs are missing from a checkpoint directory."""
+    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        missing.append("model.safetensors (or another weights file)")
+    if missing:
+        raise SourceError(f"{path} is missing {', '.join(missing)}; is it a complete checkpoint?")
+
+
+def load_source(path: Path) -> LoadedSource:
+    """Check, then load model, tokenizer and processor, refusing unsupported families early."""
+    check_files(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    spec = family_for(config)
+    model_class = getattr(transformers, spec.model_class)
+    model = model_class.from_pretrained(path, dtype=torch.float32).eval()
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    tokenizer = getattr(processor, "tokenizer", None) or transformers.AutoTokenizer.from_pretrained(
+        path
+    )
+    if not getattr(processor, "chat_template", None):
+        raise SourceError(f"{path} has no chat template; add chat_template.jinja and retry")
+    return LoadedSource(path, model, tokenizer, processor)
+
+
+def copy_processing_files(loaded: LoadedSource, bundle: Path) -> dict:
+    """Copy tokenizer, processor and chat files into the bundle; return the special token ids."""
+    for name in REQUIRED_FILES + OPTIONAL_COPIES:
+        if (loaded.path / name).is_file():
+            shutil.copy2(loaded.path / name, bundle / name)
+    (bundle / "chat_template.jinja").write_text(loaded.processor.chat_template)
+    tokenizer = loaded.tokenizer
+    generation = {}
+    if (loaded.path / "generation_config.json").is_file():
+        generation = json.loads((loaded.path / "generation_config.json").read_text())
+    eos = generation.get("eos_token_id", tokenizer.eos_token_id)
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": eos if isinstance(eos, list) else [eos],
+        "pad_token_id": tokenizer.pad_token_id,
+        "image_token_id": loaded.model.config.image_token_id,
+        "padding_side": tokenizer.padding_side,
+    }
