@@ -22,10 +22,10 @@ from .guard_settings import (
     resolve_settings,
     settings_record,
 )
-from .onnx_io import export_onnx
+from .onnx_io import TensorSpec, convert_to_fp16, export_onnx
 from .source import copy_processing_files, load_source, resolve_source
 
-GRAPH_FILES = {
+GRAPH_FILES = {  # fp32 names; fp16 bundles use the transformers.js suffix, e.g. *_fp16.onnx
     "vision_encoder": "onnx/vision_encoder.onnx",
     "embed_tokens": "onnx/embed_tokens.onnx",
     "decoder": "onnx/decoder_model_merged.onnx",
@@ -52,12 +52,19 @@ def ptr_reference(
     return states[layer][0, -1].float()
 
 
-def _graph_record(plan: GraphPlan, file: str) -> dict:
-    """A graph's entry in guard_config.json."""
+def _graph_record(plan: GraphPlan, file: str, float_type: str) -> dict:
+    """A graph's entry in guard_config.json, with float tensors in the bundle's precision."""
+
+    def record(spec: TensorSpec) -> dict:
+        entry = spec.record()
+        if entry["dtype"] == "float32":
+            entry["dtype"] = float_type
+        return entry
+
     return {
         "file": file,
-        "inputs": [spec.record() for spec in plan.inputs],
-        "outputs": [spec.record() for spec in plan.outputs],
+        "inputs": [record(spec) for spec in plan.inputs],
+        "outputs": [record(spec) for spec in plan.outputs],
     }
 
 
@@ -99,8 +106,9 @@ def export_bundle(
     on_step: Callable[[str], None] = lambda step: None,
 ) -> Path:
     """Export a LLaVA-family checkpoint to a guarded ONNX bundle directory and return its path."""
-    if dtype != "fp32":
-        raise ValueError(f"--dtype {dtype} is not supported yet; use fp32")
+    if dtype not in ("fp32", "fp16"):
+        raise ValueError(f"--dtype {dtype} is not supported; choose fp32 or fp16")
+    float_type = {"fp32": "float32", "fp16": "float16"}[dtype]
     out = Path(out)
     _check_output(out, force)
     source_dir = resolve_source(str(source))
@@ -129,10 +137,12 @@ def export_bundle(
         for role, make_plan in plans.items():
             on_step(f"exporting {GRAPH_FILES[role]}")
             plan = make_plan()
-            export_onnx(
-                plan.module, plan.example, plan.inputs, plan.outputs, staging / GRAPH_FILES[role]
-            )
-            graphs[role] = _graph_record(plan, GRAPH_FILES[role])
+            path = staging / GRAPH_FILES[role]
+            export_onnx(plan.module, plan.example, plan.inputs, plan.outputs, path)
+            if float_type == "float16":
+                on_step(f"converting {GRAPH_FILES[role]} to fp16")
+                path = convert_to_fp16(path)
+            graphs[role] = _graph_record(plan, path.relative_to(staging).as_posix(), float_type)
         on_step("copying tokenizer, processor and chat template")
         special_tokens = copy_processing_files(loaded, staging)
         on_step("hashing files into guard_config.json")
@@ -142,7 +152,7 @@ def export_bundle(
                 "vlmguard_version": __version__,
                 "created_unix": int(time.time()),
                 "source": str(source),
-                "dtype": "float32",
+                "dtype": float_type,
                 "model": _model_record(spec, config),
                 "special_tokens": special_tokens,
                 "graphs": graphs,

@@ -89,6 +89,12 @@ def export_onnx(
     _name_dims(model, inputs, list(model.graph.input))
     _name_dims(model, outputs, list(model.graph.output))
     path.parent.mkdir(parents=True, exist_ok=True)
+    _save(model, path)
+    return path
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    """Save with every weight above the threshold in `<file>_data`, then check the result."""
     data_name = path.name + "_data"
     (path.parent / data_name).unlink(missing_ok=True)
     onnx.save_model(
@@ -100,7 +106,22 @@ def export_onnx(
         size_threshold=EXTERNAL_DATA_THRESHOLD,
     )
     onnx.checker.check_model(str(path))
-    return path
+
+
+def convert_to_fp16(path: Path) -> Path:
+    """Rewrite an fp32 graph as `<name>_fp16.onnx` (fp16 weights and IO), dropping the fp32 one."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = convert_float_to_float16(
+        onnx.load(str(path)), keep_io_types=False, disable_shape_infer=True
+    )
+    OnnxModel(model).topological_sort()  # the converter appends its casts out of order
+    target = path.with_name(f"{path.stem}_fp16.onnx")
+    _save(model, target)
+    path.unlink()
+    path.with_name(path.name + "_data").unlink(missing_ok=True)
+    return target
 
 
 class _Flat(torch.nn.Module):

@@ -10,9 +10,9 @@ import onnxruntime as ort
 import torch
 import transformers
 from PIL import Image
+
 from vlmguard.export.exporter import export_bundle
 from vlmguard.export.tiny_model import TEXT_MODELS, VISION_TOWERS, build_tiny_llava
-
 from vlmguard.manifest import read_manifest
 
 COMBOS = [(v, t) for v in VISION_TOWERS for t in TEXT_MODELS]
@@ -117,7 +117,7 @@ class OrtDecoder:
         for name, spec in self.inputs.items():
             if name.startswith("past_key_values."):
                 _, heads, _, dim = spec["shape"]
-                feeds[name] = np.zeros((batch, heads, 0, dim), np.float32)
+                feeds[name] = np.zeros((batch, heads, 0, dim), spec["dtype"])
         if "ptr_past_pruned_mask" in self.inputs:
             feeds["ptr_past_pruned_mask"] = np.zeros((batch, 0), np.int64)
         return feeds

@@ -18,6 +18,7 @@ from support import (
     neutral_guards,
 )
 from transformers import AttentionInterface
+
 from vlmguard.export.exporter import ptr_reference
 from vlmguard.export.families import LLAVA
 from vlmguard.export.guard_settings import PTR_REFERENCE_TEXT, GuardSettings
