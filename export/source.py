@@ -21,11 +21,11 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 REQUIRED_FILES = ("config.json", "tokenizer.json", "preprocessor_config.json")
-OPTIONAL_COPIES = (
+COPIED_FILES = (
+    "config.json",
+    "preprocessor_config.json",
     "generation_config.json",
     "processor_config.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
 )
 
 
@@ -85,12 +85,18 @@ def load_source(path: Path) -> LoadedSource:
 
 
 def copy_processing_files(loaded: LoadedSource, bundle: Path) -> dict:
-    """Copy tokenizer, processor and chat files into the bundle; return the special token ids."""
-    for name in REQUIRED_FILES + OPTIONAL_COPIES:
+    """Copy processor files, save the tokenizer and chat template; return special token ids.
+
+    The tokenizer is re-saved rather than copied: transformers 5 rebuilds the normalizer and
+    pre-tokenizer of legacy Llama tokenizers on load, so the source's tokenizer.json alone
+    would tokenize differently from transformers; the saved one matches it.
+    """
+    for name in COPIED_FILES:
         if (loaded.path / name).is_file():
             shutil.copy2(loaded.path / name, bundle / name)
-    (bundle / "chat_template.jinja").write_text(loaded.processor.chat_template)
     tokenizer = loaded.tokenizer
+    tokenizer.save_pretrained(bundle)
+    (bundle / "chat_template.jinja").write_text(loaded.processor.chat_template)
     generation = {}
     if (loaded.path / "generation_config.json").is_file():
         generation = json.loads((loaded.path / "generation_config.json").read_text())

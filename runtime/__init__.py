@@ -1,1 +1,1 @@
-"""The lean online half: preprocessing and ONNX Runtime sessions; never imports torch or transformers."""
+"""The lean online half: preprocessing, prompting, sessions, generation; no torch."""

@@ -18,6 +18,7 @@ from transformers import (  # noqa: E402
     LlavaForConditionalGeneration,
     LlavaProcessor,
 )
+
 from vlmguard.export.tiny_model import (  # noqa: E402
     IMAGE_TOKEN,
     SHAPES,

@@ -153,5 +153,171 @@ def tiny_model_command(
     click.echo(f"wrote {path} ({vision} + {text}, {shape}, seed {seed})")
 
 
+def _print_report(report: object, console: object) -> None:
+    """Guard decisions, scores and per-stage times as a compact rich table."""
+    from rich.table import Table
+
+    table = Table(show_header=True, header_style="bold", box=None)
+    table.add_column("stage")
+    table.add_column("action")
+    table.add_column("why")
+    for decision in report.decisions:
+        table.add_row(decision.stage, decision.action, decision.reason)
+    console.print(table)
+    times = ", ".join(f"{k} {v:.1f} ms" for k, v in report.timings_ms.items())
+    steps = report.decode_step_ms
+    if steps:
+        times += f", {len(steps)} decode steps at {sum(steps) / len(steps):.1f} ms"
+    console.print(f"[dim]{times}[/dim]")
+
+
+@main.command("run")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option(
+    "--image",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Image file (omit for a text-only turn).",
+)
+@click.option("--prompt", required=True, help="The user's question.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--providers", default=None, help="e.g. tensorrt,cuda,cpu (default: best available).")
+@click.option(
+    "--policy",
+    "policy_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Guard policy JSON.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object: answer text and report."
+)
+@click.option("--stream", is_flag=True, help="Print tokens as they are produced.")
+@click.option(
+    "--no-guard", is_flag=True, help="Explicit opt-out: every guard neutral, nothing refused."
+)
+def run_command(
+    bundle: Path,
+    image: Path | None,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+    providers: str | None,
+    policy_path: Path | None,
+    as_json: bool,
+    stream: bool,
+    no_guard: bool,
+) -> None:
+    """Answer one prompt (with an optional image) from BUNDLE, guarded."""
+    import json
+
+    from rich.console import Console
+
+    from .runtime.guarded_vlm import GuardedVLM
+    from .runtime.policy import GuardPolicy
+    from .runtime.sampling import Sampling
+
+    if no_guard and policy_path:
+        raise click.UsageError("--no-guard and --policy exclude each other")
+    policy = GuardPolicy.neutral() if no_guard else policy_path
+    vlm = GuardedVLM.load(bundle, providers=providers, policy=policy)
+    sampling = Sampling(temperature, top_k, top_p, seed)
+    if stream and not as_json:
+        pieces = vlm.stream(image, prompt, max_new_tokens, sampling)
+        for piece in pieces:
+            click.echo(piece, nl=False)
+        click.echo()
+        result = pieces.result
+    else:
+        result = vlm.generate_batch([(image, prompt)], max_new_tokens, sampling)[0]
+    if as_json:
+        click.echo(json.dumps({"text": result.text, "report": result.report.to_dict()}))
+        return
+    if not stream:
+        click.echo(result.text)
+    _print_report(result.report, Console(stderr=True))
+
+
+DEMO_PROMPTS = [
+    ("a red square", "What is in this picture?"),
+    ("noise", "Describe the colours you can see."),
+    (None, "Write a short poem about the sea."),
+    ("a red square", "How do I pick a lock? Explain step by step."),
+]
+
+
+def _demo_image(kind: str) -> object:
+    """A small synthetic picture for the demo requests."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    if kind == "noise":
+        return Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 128, 3), np.uint8))
+    image = Image.new("RGB", (128, 96), "white")
+    ImageDraw.Draw(image).rectangle((32, 16, 96, 80), fill="red")
+    return image
+
+
+@main.command("demo")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the tiny model and bundle live (default: ~/.cache/vlmguard/demo).",
+)
+@click.option("--max-new-tokens", type=int, default=16, show_default=True)
+def demo_command(workdir: Path | None, max_new_tokens: int) -> None:
+    """Build (or reuse) the tiny model, export it guarded, and answer a few requests."""
+    from rich.console import Console
+
+    from vlmguard.errors import BundleError
+
+    from .manifest import read_manifest
+
+    console = Console()
+    workdir = workdir or Path.home() / ".cache" / "vlmguard" / "demo"
+    source, bundle = workdir / "tiny-llava", workdir / "tiny-bundle"
+    try:
+        read_manifest(bundle)
+        console.print(f"reusing {bundle}")
+    except BundleError:
+        _quiet_transformers()
+        from .export.exporter import export_bundle
+        from .export.tiny_model import build_tiny_llava
+
+        with console.status("building the tiny model and exporting it (about half a minute)"):
+            build_tiny_llava(source, force=True)
+            export_bundle(source, bundle, force=True)
+        console.print(f"exported {bundle}")
+    from .runtime.guarded_vlm import GuardedVLM
+
+    vlm = GuardedVLM.load(bundle)
+    console.print(
+        "[yellow]The tiny model has random weights: its text is not meaningful. The point is the "
+        "guard pipeline, its verdicts and timings.[/yellow]"
+    )
+    for kind, prompt in DEMO_PROMPTS:
+        image = _demo_image(kind) if kind else None
+        result = vlm.generate(image, prompt, max_new_tokens=max_new_tokens)
+        console.rule(f"{'[' + kind + '] ' if kind else '[no image] '}{prompt}")
+        console.print(
+            f"answer: {result.text!r}" + ("  [red](refused)[/red]" if result.report.refused else "")
+        )
+        _print_report(result.report, console)
+    console.rule()
+    console.print(
+        "For real answers, export a real checkpoint from your Hugging Face cache and run it:\n"
+        "  vlmguard export llava-hf/llava-1.5-7b-hf --out llava-bundle\n"
+        '  vlmguard run llava-bundle --image photo.jpg --prompt "What is in this picture?"'
+    )
+
+
 if __name__ == "__main__":
     sys.exit(main())
