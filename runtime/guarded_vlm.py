@@ -9,9 +9,11 @@ ends in a refusal with the reason in the report, unless the policy opts into fai
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from .report import GuardReport
 from .sampling import Sampling, pick_tokens
 
 REFUSAL_TEXT = "I cannot help with that request."
+POLICY_FILE = "policy.json"  # a bundle's calibrated policy, if calibration wrote one
 
 
 class ContextLengthError(VlmguardError):
@@ -95,9 +98,14 @@ class GuardedVLM:
         provider_options: dict[str, dict] | None = None,
         policy: GuardPolicy | dict | str | Path | None = None,
     ) -> GuardedVLM:
-        """Open a bundle on the best available providers (TensorRT -> CUDA -> CPU by default)."""
+        """Open a bundle on the best available providers (TensorRT -> CUDA -> CPU by default).
+
+        Without a `policy`, the bundle's own policy.json (written by calibration) is used if it
+        has one, else the defaults (angles observed, SafePTR at K = 10%).
+        """
         if policy is None:
-            policy = GuardPolicy()
+            own = Path(bundle) / POLICY_FILE
+            policy = GuardPolicy.load(own) if own.is_file() else GuardPolicy()
         elif isinstance(policy, dict):
             policy = GuardPolicy.from_dict(policy)
         elif not isinstance(policy, GuardPolicy):
@@ -315,7 +323,8 @@ class GuardedVLM:
                 self._fail(row, "ptr", "the decoder returned no usable pruned-token mask")
                 continue
             row.report.pruned_tokens = int(pruned[i].sum())
-            row.report.decide("ptr", "prune", f"{row.report.pruned_tokens} tokens masked")
+            count = row.report.pruned_tokens
+            row.report.decide("ptr", "prune", f"{count} token{'s' * (count != 1)} masked")
 
     def _oh_stage(self, rows: list[_Row], outputs: dict[str, np.ndarray]) -> None:
         """Read Oh Defense's angle and take the refusal path when it passes the threshold."""
@@ -482,25 +491,20 @@ def _positions(mask: np.ndarray) -> np.ndarray:
     return np.where(mask == 0, 1, positions).astype(np.int64)
 
 
-class _timed_all:
+@contextmanager
+def _timed_all(rows: list[_Row], stage: str) -> Iterator[None]:
     """Time a block once and add it to every row's report under the same stage."""
-
-    def __init__(self, rows: list[_Row], stage: str) -> None:
-        self.rows, self.stage = rows, stage
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        elapsed = (time.perf_counter() - self.start) * 1e3
-        for row in self.rows:
-            row.report.timings_ms[self.stage] = row.report.timings_ms.get(self.stage, 0.0) + elapsed
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = (time.perf_counter() - start) * 1e3
+        for row in rows:
+            row.report.timings_ms[stage] = row.report.timings_ms.get(stage, 0.0) + elapsed
 
 
 def _read_json(path: Path) -> dict:
     """A JSON file of the bundle, with a one-line error if it is missing."""
-    import json
-
     if not path.is_file():
         raise VlmguardError(f"{path.parent} lacks {path.name}; re-export the bundle")
     return json.loads(path.read_text())

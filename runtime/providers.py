@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -28,7 +30,14 @@ def resolve_providers(requested: list[str] | str | None) -> list[str]:
     """Full provider names: the requested ones (short or full) or the best installed ones."""
     available = ort.get_available_providers()
     if requested is None:
-        return [name for name in DEFAULT_ORDER if name in available] or ["CPUExecutionProvider"]
+        # onnxruntime-gpu lists CUDA/TensorRT even where no GPU exists; ask for them only when
+        # an NVIDIA driver is present, so CPU machines get no failed-provider noise.
+        gpu = _nvidia_driver_present()
+        return [
+            name
+            for name in DEFAULT_ORDER
+            if name in available and (gpu or name == "CPUExecutionProvider")
+        ]
     if isinstance(requested, str):
         requested = [part.strip() for part in requested.split(",") if part.strip()]
     names = []
@@ -42,6 +51,15 @@ def resolve_providers(requested: list[str] | str | None) -> list[str]:
             )
         names.append(name)
     return names
+
+
+def _nvidia_driver_present() -> bool:
+    """Whether the NVIDIA driver library can be loaded on this machine."""
+    try:
+        ctypes.CDLL("libcuda.so.1" if sys.platform != "win32" else "nvcuda.dll")
+    except OSError:
+        return False
+    return True
 
 
 def engine_cache_dir(bundle_sha: str, device: str = "gpu0") -> Path:

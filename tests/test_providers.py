@@ -27,7 +27,8 @@ def test_short_and_full_names_resolve_and_unknown_ones_are_refused():
     assert resolve_providers("cpu") == ["CPUExecutionProvider"]
     assert resolve_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
     default = resolve_providers(None)
-    assert default == [p for p in DEFAULT_ORDER if p in ort.get_available_providers()]
+    assert default[-1] == "CPUExecutionProvider"
+    assert set(default) <= set(DEFAULT_ORDER) & set(ort.get_available_providers())
     with pytest.raises(ProviderError, match="not offered"):
         resolve_providers("rocm")
 
