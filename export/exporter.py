@@ -102,10 +102,16 @@ def export_bundle(
     ptr_window: tuple[int, int] | None = None,
     oh_layer: int | None = None,
     oh_head: int | None = None,
+    detector: str | None = None,
+    detector_quantize: str = "int8",
     force: bool = False,
     on_step: Callable[[str], None] = lambda step: None,
 ) -> Path:
-    """Export a LLaVA-family checkpoint to a guarded ONNX bundle directory and return its path."""
+    """Export a LLaVA-family checkpoint to a guarded ONNX bundle directory and return its path.
+
+    `detector` (a CLIP/SigLIP checkpoint, a model id in the cache, or `default`) adds the
+    safety detector graphs as onnx/safety_detector*.onnx with a "detector" manifest entry.
+    """
     if dtype not in ("fp32", "fp16"):
         raise ValueError(f"--dtype {dtype} is not supported; choose fp32 or fp16")
     float_type = {"fp32": "float32", "fp16": "float16"}[dtype]
@@ -143,6 +149,12 @@ def export_bundle(
                 on_step(f"converting {GRAPH_FILES[role]} to fp16")
                 path = convert_to_fp16(path)
             graphs[role] = _graph_record(plan, path.relative_to(staging).as_posix(), float_type)
+        extra = {}
+        if detector is not None:
+            from vlmguard.guard_models.detector_export import export_detector
+
+            on_step(f"exporting the safety detector from {detector}")
+            extra["detector"] = export_detector(detector, staging, quantize=detector_quantize)
         on_step("copying tokenizer, processor and chat template")
         special_tokens = copy_processing_files(loaded, staging)
         on_step("hashing files into guard_config.json")
@@ -157,6 +169,7 @@ def export_bundle(
                 "special_tokens": special_tokens,
                 "graphs": graphs,
                 "guards": settings_record(settings, text.num_hidden_layers),
+                **extra,
             },
         )
         for path in [staging, *staging.rglob("*")]:

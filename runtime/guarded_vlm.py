@@ -89,6 +89,7 @@ class GuardedVLM:
         self.align_gamma = np.zeros(layers, np.float32)
         self.align_gamma[: len(gamma)] = gamma
         self.context = self.manifest["model"]["max_position_embeddings"]
+        self.detector = self._load_detector() if "detector" in self.manifest else None
 
     @classmethod
     def load(
@@ -222,12 +223,45 @@ class GuardedVLM:
             if guard not in carried:
                 self._fail(row, guard, f"the policy requires {guard} but the bundle lacks it")
 
+    def _load_detector(self) -> object:
+        """The bundle's safety detector, in the variant that fits the providers."""
+        from vlmguard.guard_models.detector import SafetyDetector
+
+        thresholds = dict(self.manifest["detector"].get("thresholds", {}))
+        if self.policy.detector_threshold is not None:
+            thresholds["ot"] = self.policy.detector_threshold
+        return SafetyDetector(
+            self.manifest["detector"], self.engine.bundle, self.engine.providers,
+            thresholds=thresholds,
+        )
+
     def _detector_stage(self, row: _Row) -> None:
-        """The safety detector's verdict; bundles without one report it as absent."""
-        if "detector" not in self.manifest:
+        """The safety detector's verdict; when unsafe, the safety prefix and calibration go on."""
+        if self.detector is None:
             row.report.decide("detector", "absent", "the bundle has no safety detector")
             return
-        self._fail(row, "detector", "detector bundles are not supported by this runtime yet")
+        if row.image is None:
+            row.report.decide("detector", "pass", "text-only turn: no image to check")
+            return
+        try:
+            with row.report.timed("detector"):
+                detection = self.detector.detect(row.image)
+        except Exception as err:  # a detector that cannot judge must not wave the image through
+            self._fail(row, "detector", f"the detector failed: {_first_line(err)}")
+            return
+        scores = {"detector_global": detection.score_global, "detector_ot": detection.score_ot}
+        if not all(math.isfinite(v) for v in scores.values()):
+            self._fail(row, "detector", f"non-finite detector score {scores}")
+            return
+        row.report.scores |= scores
+        row.report.guards_ran.append("detector")
+        top = detection.top_concepts[0]["name"] if detection.top_concepts else "?"
+        if detection.unsafe:
+            row.flagged = True
+            self._encode(row)
+            row.report.decide("detector", "flag", f"{detection.reason} (top concept: {top})")
+        else:
+            row.report.decide("detector", "pass", f"below thresholds (top concept: {top})")
 
     def _prefill(self, rows: list[_Row]) -> None:
         """Embed, merge image features, run the guarded prefill and read the guard taps."""
@@ -270,7 +304,8 @@ class GuardedVLM:
             return
         batch = _Batch(live, state, mask, feeds.get("align_prefix_mask"))
         for row in live:
-            row.report.guards_ran = [d for d in ("ptr", "align", "oh") if d in self.defenses]
+            ran = [d for d in ("ptr", "align", "oh") if d in self.defenses]
+            row.report.guards_ran += [d for d in ran if d not in row.report.guards_ran]
             row.batch = batch
         for stage, check in (("ptr", self._ptr_stage), ("oh", self._oh_stage)):
             if stage in self.defenses:

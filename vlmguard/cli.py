@@ -84,6 +84,17 @@ def _parse_window(text: str | None) -> tuple[int, int] | None:
     help="Oh Defense layer (default 8, clipped; calibration picks it).",
 )
 @click.option("--oh-head", type=int, default=None, help="Oh Defense head (default 2, clipped).")
+@click.option(
+    "--detector",
+    default=None,
+    help="Add a safety detector: a CLIP/SigLIP checkpoint, a cached model id, or 'default'.",
+)
+@click.option(
+    "--detector-quantize",
+    default="int8",
+    show_default=True,
+    help="Detector variants besides fp32: int8 (CPU), qdq (TensorRT), fp16 (CUDA), or none.",
+)
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 def export_command(
     source: str,
@@ -93,6 +104,8 @@ def export_command(
     ptr_window: str | None,
     oh_layer: int | None,
     oh_head: int | None,
+    detector: str | None,
+    detector_quantize: str,
     force: bool,
 ) -> None:
     """Export SOURCE (a checkpoint directory or a cached model id) to a guarded ONNX bundle."""
@@ -120,6 +133,8 @@ def export_command(
             ptr_window=window,
             oh_layer=oh_layer,
             oh_head=oh_head,
+            detector=detector,
+            detector_quantize=detector_quantize,
             force=force,
             on_step=step,
         )
