@@ -228,8 +228,10 @@ class GuardedVLM:
         from vlmguard.guard_models.detector import SafetyDetector
 
         thresholds = dict(self.manifest["detector"].get("thresholds", {}))
-        if self.policy.detector_threshold is not None:
-            thresholds["ot"] = self.policy.detector_threshold
+        if self.policy.detector_threshold is not None:  # applies to the deciding method's score
+            method = thresholds.get("method", "ot")
+            for key in ("global", "ot") if method == "any" else (method,):
+                thresholds[key] = self.policy.detector_threshold
         return SafetyDetector(
             self.manifest["detector"], self.engine.bundle, self.engine.providers,
             thresholds=thresholds,

@@ -1,0 +1,105 @@
+"""Quantized variants of the detector graph: dynamic INT8 (CPU) and static symmetric QDQ (TensorRT).
+
+Only the vision tower is quantized. The head (cosines, entropy mass, Sinkhorn) stays fp32
+in every variant: it is a few small ops, and Sinkhorn in int8 would lose the precision the
+OT scores need. (fp16 is exported straight from PyTorch with a half tower, see
+detector_export: onnxruntime's float16 converter round-trips every blocked edge through
+fp16.) Offline half (onnx, onnxruntime.quantization).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from vlmguard.runtime.image_preprocess import ImageInput, preprocess_image
+
+from .variants import INT8, QDQ, UnknownQuantizeModeError
+
+__all__ = ["head_node_names", "quantize_variant", "default_calibration_images"]
+
+HEAD_SCOPE = "/head/"  # TorchScript export names nodes by module scope
+TOWER_OPS = ["MatMul", "Gemm", "Conv"]
+
+
+def head_node_names(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that belong to the detector head (kept in fp32)."""
+    return [node.name for node in model.graph.node if node.name.startswith(HEAD_SCOPE)]
+
+
+def default_calibration_images(count: int = 32, seed: int = 0) -> list[np.ndarray]:
+    """Calibration images when the user gives none: procedural scenes from our generator."""
+    from .synthetic import calibration_scenes
+
+    return calibration_scenes(count, seed)
+
+
+class _ImageReader:
+    """A CalibrationDataReader over preprocessed images."""
+
+    def __init__(self, images: Sequence[ImageInput], processor_config: dict[str, Any]) -> None:
+        """Preprocess every calibration image up front."""
+        self._batches: Iterator[dict[str, np.ndarray]] = iter(
+            [{"pixel_values": preprocess_image(image, processor_config)} for image in images]
+        )
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        """The next calibration batch, or None when done."""
+        return next(self._batches, None)
+
+
+def _quantize_int8(source: Path, target: Path, exclude: list[str]) -> None:
+    """Dynamic INT8 (MatMulInteger), signed weights: for the CPU provider only."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        source, target, weight_type=QuantType.QInt8, op_types_to_quantize=TOWER_OPS,
+        nodes_to_exclude=exclude, per_channel=False,
+    )
+
+
+def _quantize_qdq(
+    source: Path,
+    target: Path,
+    exclude: list[str],
+    processor_config: dict[str, Any],
+    images: Sequence[ImageInput] | None,
+) -> None:
+    """Static symmetric S8S8 QDQ with calibration images: what TensorRT accepts."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    images = list(images) if images is not None else default_calibration_images()
+    if not images:
+        raise ValueError("QDQ quantization needs at least one calibration image.")
+    quantize_static(
+        source, target, _ImageReader(images, processor_config),
+        quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8, op_types_to_quantize=TOWER_OPS,
+        nodes_to_exclude=exclude, per_channel=True,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        calibration_providers=["CPUExecutionProvider"],
+    )
+
+
+def quantize_variant(
+    variant: str,
+    source: Path,
+    target: Path,
+    processor_config: dict[str, Any],
+    calibration_images: Sequence[ImageInput] | None = None,
+) -> Path:
+    """Write one quantized variant of the fp32 detector graph at `source` to `target`."""
+    exclude = head_node_names(onnx.load(str(source), load_external_data=False))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if variant == INT8:
+        _quantize_int8(source, target, exclude)
+    elif variant == QDQ:
+        _quantize_qdq(source, target, exclude, processor_config, calibration_images)
+    else:
+        raise UnknownQuantizeModeError(f"unknown quantize mode '{variant}'; use int8 or qdq.")
+    return target
