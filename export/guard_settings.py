@@ -39,11 +39,6 @@ class GuardSettings:
         """Whether Oh Defense is carried."""
         return self.oh_layer is not None
 
-    @property
-    def any(self) -> bool:
-        """Whether any in-model guard is carried."""
-        return self.align or self.ptr or self.oh
-
 
 def parse_defenses(text: str) -> frozenset[str]:
     """Turn 'oh,ptr,align' or 'none' into a set of defense names, refusing unknown ones."""
