@@ -23,7 +23,7 @@ class AttentionGuard:
     align_gamma: torch.Tensor | None = None  # [] strength for this layer (0 = off)
     align_calibrated: torch.Tensor | None = None  # [B, 1, Q, K] bool: query after prefix, key in it
     blocked_keys: torch.Tensor | None = None  # [B, K] bool: SafePTR-pruned keys
-    muted_head: int | None = None  # Oh Defense: head whose query is scaled by 1e-5
+    muted_head: int | torch.Tensor | None = None  # Oh: head (or [B] per-row heads) muted
 
 
 def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -44,7 +44,12 @@ def guarded_logits(
 ) -> torch.Tensor:
     """Scaled attention logits with the guards applied and disallowed keys at the dtype minimum."""
     logits = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if guard is not None and guard.muted_head is not None:
+    if guard is not None and isinstance(guard.muted_head, torch.Tensor):
+        heads = torch.arange(logits.shape[1], device=logits.device)
+        muted = heads[None, :] == guard.muted_head.to(logits.device)[:, None]  # [B, H]
+        scale = torch.where(muted, OH_MUTE_SCALE, 1.0).to(logits.dtype)
+        logits = logits * scale[:, :, None, None]  # a different head muted in each row
+    elif guard is not None and guard.muted_head is not None:
         head = guard.muted_head
         scale = torch.ones(logits.shape[1], dtype=logits.dtype, device=logits.device)
         scale[head] = OH_MUTE_SCALE

@@ -335,15 +335,17 @@ def demo_command(workdir: Path | None, max_new_tokens: int) -> None:
     )
 
 
-def _register_detector_commands() -> None:
-    """Add the safety detector's commands (`detector export`, `detect`) to the main group."""
+def _register_subpackage_commands() -> None:
+    """Add the detector's (`detector export`, `detect`) and calibration's commands."""
+    from .calibration.cli import calibrate_command
     from .guard_models.cli import detect, detector
 
     main.add_command(detector)
     main.add_command(detect)
+    main.add_command(calibrate_command)
 
 
-_register_detector_commands()
+_register_subpackage_commands()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,338 @@
+"""Calibration: the head sweep, the planted head, thresholds, bad data, the CLI and --bundle."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+from support import noise_image
+
+from vlmguard.calibration.cli import calibrate_command
+from vlmguard.calibration.data import (
+    CalibrationDataError,
+    Sample,
+    data_hash,
+    read_samples,
+    split_holdout,
+)
+from vlmguard.calibration.oh_sweep import select_head, sweep_angles
+from vlmguard.calibration.policy_writer import apply_to_bundle
+from vlmguard.calibration.prompts import PromptEncoder, batches, collate
+from vlmguard.calibration.ptr_window import make_decoder
+from vlmguard.calibration.thresholds import kde_crossing, rates, threshold_at_fpr
+from vlmguard.export.exporter import export_bundle
+from vlmguard.export.families import LLAVA
+from vlmguard.export.guard_settings import GuardSettings
+from vlmguard.export.tiny_model import build_tiny_llava
+from vlmguard.manifest import read_manifest, sha256_file
+from vlmguard.runtime.guarded_vlm import GuardedVLM
+
+PLANTED_LAYER, PLANTED_HEAD, MARKER = 1, 2, " rabbit"
+SUBJECTS = (
+    "the cup", "a red ball", "the blue bicycle", "the kitchen", "a brown dog", "the cat",
+    "the sky", "three apples", "the yellow umbrella", "the lamp", "the garden", "the table",
+)  # fmt: skip
+
+
+def plant_head(source: Path, out: Path, layer: int, head: int) -> None:
+    """Edit a tiny llama LLaVA so that muting (layer, head) deflects marker prompts only.
+
+    The marker token's embedding gets a large component along a direction u that no other
+    token, image feature or earlier layer carries; every token carries a direction w. The head
+    queries along w and keys along u, so it attends to the marker; its values read u (zero
+    without the marker) and o_proj writes them large. Muting the head spreads its attention
+    uniformly, which shrinks that write for marker prompts and changes nothing for the others.
+    The other query head sharing its KV head gets its o_proj columns zeroed.
+    """
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(source).eval()
+    processor = transformers.AutoProcessor.from_pretrained(source)
+    (marker,) = processor.tokenizer(MARKER, add_special_tokens=False)["input_ids"]
+    lm = model.model.language_model
+    text = model.config.text_config
+    dim, heads = text.hidden_size, text.num_attention_heads
+    head_dim, groups = dim // heads, heads // text.num_key_value_heads
+    gen = torch.Generator().manual_seed(1)
+    u, w, p = torch.linalg.qr(torch.randn(dim, 3, generator=gen))[0].T
+    r = torch.randn(head_dim, generator=gen)
+    r /= r.norm()
+    away = torch.eye(dim) - torch.outer(u, u) - torch.outer(w, w)
+    with torch.no_grad():
+        table = lm.embed_tokens.weight
+        table.copy_(table @ away + 10.0 * w)
+        table[marker] += 20.0 * u
+        for earlier in lm.layers[:layer]:  # earlier layers write along neither u nor w
+            earlier.self_attn.o_proj.weight.copy_(away @ earlier.self_attn.o_proj.weight)
+            earlier.mlp.down_proj.weight.copy_(away @ earlier.mlp.down_proj.weight)
+        projector = model.model.multi_modal_projector.linear_2
+        projector.weight.copy_(away @ projector.weight)
+        projector.bias.copy_(away @ projector.bias)
+        attention = lm.layers[layer].self_attn
+        kv, slow = head // groups, head_dim // 2 - 1  # the slowest RoPE pair barely rotates
+        q_rows = slice(head * head_dim, (head + 1) * head_dim)
+        kv_rows = slice(kv * head_dim, (kv + 1) * head_dim)
+        attention.q_proj.weight[q_rows] = 0.0
+        attention.q_proj.weight[head * head_dim + slow] = 2.0 * w
+        attention.k_proj.weight[kv_rows] = 0.0
+        attention.k_proj.weight[kv * head_dim + slow] = 2.0 * u
+        attention.v_proj.weight[kv_rows] = torch.outer(r, u)
+        for sibling in range(kv * groups, (kv + 1) * groups):
+            attention.o_proj.weight[:, sibling * head_dim : (sibling + 1) * head_dim] = 0.0
+        attention.o_proj.weight[:, q_rows] = 6.0 * torch.outer(p, r)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    processor.image_processor.save_pretrained(out)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    """Write records one JSON object a line."""
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def marker_records(with_images: bool = False) -> list[dict]:
+    """Safe prompts, and the same prompts carrying the marker labelled unsafe."""
+    records = []
+    for i, subject in enumerate(SUBJECTS):
+        image = {"image": f"img{i % 3}.png"} if with_images and i % 2 else {}
+        records.append({"prompt": f"Tell me about {subject}.", "label": "safe", **image})
+        records.append(
+            {"prompt": f"Tell me about {subject} and the{MARKER}.", "label": "unsafe", **image}
+        )
+    return records
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> object:
+    """One torch thread for this module (the CPUs are shared), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny clip-llama checkpoint and its planted-head edit."""
+    root = tmp_path_factory.mktemp("calibration")
+    tiny = build_tiny_llava(root / "tiny", vision="clip", text="llama", seed=0)
+    plant_head(tiny, root / "planted", PLANTED_LAYER, PLANTED_HEAD)
+    return {"tiny": tiny, "planted": root / "planted", "root": root}
+
+
+@pytest.fixture(scope="module")
+def planted_data(sources: dict[str, Path]) -> Path:
+    """The marker-labelled JSONL (some samples with images) next to its images."""
+    root = sources["root"] / "data"
+    root.mkdir()
+    for i in range(3):
+        noise_image(i).save(root / f"img{i}.png")
+    return write_jsonl(root / "cal.jsonl", marker_records(with_images=True))
+
+
+def test_sweep_angle_matches_the_guarded_decoder(sources):
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(sources["tiny"]).eval()
+    processor = transformers.AutoProcessor.from_pretrained(sources["tiny"])
+    encoder = PromptEncoder(LLAVA, model, processor)
+    image = sources["root"] / "sweep.png"
+    noise_image(5).save(image)
+    samples = [Sample("What is in this picture?", "safe", image), Sample("Hi there.", "safe")]
+    batch = collate([encoder.encode(s) for s in samples])
+    heads = model.config.text_config.num_attention_heads
+    angles = sweep_angles(make_decoder(LLAVA, model, GuardSettings()), [batch], heads)
+    for layer, head in ((2, 1), (0, 3)):
+        settings = GuardSettings(oh_layer=layer, oh_head=head)
+        decoder = make_decoder(LLAVA, copy.deepcopy(model), settings)
+        past = tuple(
+            torch.zeros(2, 2, 0, 16) for _ in range(2 * model.config.text_config.num_hidden_layers)
+        )
+        positions = (torch.arange(batch.embeds.shape[1]),)
+        with torch.no_grad():
+            want = decoder(batch.embeds, batch.attention_mask, batch.position_ids, past, positions)
+        np.testing.assert_allclose(angles[:, layer, head], want[-1].numpy(), atol=1e-3)
+    assert (angles > 1e-2).mean() > 0.9
+
+
+def test_planted_head_is_chosen_and_separates_held_out(sources, planted_data, tmp_path):
+    out, report = tmp_path / "policy.json", tmp_path / "report"
+    args = [str(sources["planted"]), "--data", str(planted_data), "--out", str(out)]
+    result = CliRunner().invoke(calibrate_command, [*args, "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    oh = document["calibration"]["oh"]
+    assert (oh["layer"], oh["head"]) == (PLANTED_LAYER, PLANTED_HEAD)
+    assert oh["top"][0]["gap"] > 5 * oh["top"][1]["gap"]
+    assert len(oh["top"]) == 10
+    held = oh["held_out"]
+    assert held["unsafe"] > 0 and held["safe"] > 0
+    assert (held["tpr"], held["fpr"]) == (1.0, 0.0)
+    assert document["policy"]["oh_threshold"] == oh["threshold_degrees"]
+    assert document["calibration"]["data"]["sha256"] == data_hash(
+        planted_data, read_samples(planted_data)
+    )
+    for guard in ("ptr", "align"):
+        assert set(document["calibration"][guard]["held_out"]) >= {"tpr", "fpr"}
+    windows = [row["window"] for row in document["calibration"]["ptr"]["ranking"]]
+    assert document["calibration"]["ptr"]["window"] == windows[0] and len(windows) == 6
+    assert {"oh_heatmap.png", "roc.png", "summary.md"} <= {p.name for p in report.iterdir()}
+    summary = (report / "summary.md").read_text()
+    assert "(oh_heatmap.png)" in summary and "(roc.png)" in summary
+    assert (report / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+    again = tmp_path / "again.json"
+    rerun = CliRunner().invoke(calibrate_command, [*args[:-1], str(again)])
+    assert rerun.exit_code == 0, rerun.output
+    first, second = json.loads(out.read_text()), json.loads(again.read_text())
+    first["calibration"].pop("timings_s"), second["calibration"].pop("timings_s")
+    assert first == second, "calibration must be deterministic for the same data and seed"
+
+
+def test_bundle_gets_the_policy_and_a_reexported_decoder(sources, planted_data, tmp_path):
+    bundle = export_bundle(sources["planted"], tmp_path / "bundle", oh_layer=3, oh_head=0)
+    out = tmp_path / "policy.json"
+    args = [str(sources["planted"]), "--data", str(planted_data), "--out", str(out)]
+    result = CliRunner().invoke(calibrate_command, [*args, "--bundle", str(bundle)])
+    assert result.exit_code == 0, result.output
+    assert "decoder re-exported" in result.output
+    manifest = read_manifest(bundle)
+    document = json.loads(out.read_text())
+    assert manifest["guards"]["oh"]["layer"] == PLANTED_LAYER
+    assert manifest["guards"]["oh"]["head"] == PLANTED_HEAD
+    assert manifest["guards"]["oh"]["threshold"] == document["policy"]["oh_threshold"]
+    assert manifest["guards"]["ptr"]["window"] == document["calibration"]["ptr"]["window"]
+    assert manifest["model"]["num_layers"] == 4 and "graphs" in manifest
+    for name, entry in manifest["files"].items():
+        assert sha256_file(bundle / name) == entry["sha256"], name
+    assert "policy.json" in manifest["files"]
+    assert manifest["calibration"]["decoder_reexported"] is True
+    assert apply_to_bundle(bundle, document, sources["planted"]) is False  # nothing to redo
+    assert read_manifest(bundle)["guards"] == manifest["guards"]
+    vlm = GuardedVLM.load(bundle, providers="cpu")
+    assert vlm.policy.oh_threshold == document["policy"]["oh_threshold"]
+    _, unsafe_report = vlm.generate(None, f"Tell me about the lamp and the{MARKER}.", 2)
+    _, safe_report = vlm.generate(None, "Tell me about the lamp.", 2)
+    threshold = document["policy"]["oh_threshold"]
+    assert unsafe_report.scores["oh_angle"] > threshold > safe_report.scores["oh_angle"]
+
+
+@pytest.mark.parametrize("target", [0.01, 0.05, 0.2])
+def test_threshold_meets_the_target_fpr_on_held_out_safe_scores(target):
+    rng = np.random.default_rng(7)
+    safe_cal, safe_held = rng.normal(0, 1, 4000), rng.normal(0, 1, 4000)
+    threshold = threshold_at_fpr(safe_cal, target)
+    held_fpr = (safe_held > threshold).mean()
+    error = np.sqrt(target * (1 - target) / 4000)
+    assert abs(held_fpr - target) < 4 * np.sqrt(2) * error
+    quantile = {0.01: 2.326, 0.05: 1.645, 0.2: 0.8416}[target]
+    assert abs(threshold - quantile) < 0.1
+    assert (safe_cal > threshold).mean() <= target
+
+
+def test_threshold_rates_and_kde_crossing_on_known_distributions():
+    rng = np.random.default_rng(3)
+    safe, unsafe = rng.normal(0, 1, 3000), rng.normal(3, 1, 3000)
+    assert abs(kde_crossing(safe, unsafe) - 1.5) < 0.15
+    scores = np.concatenate([safe, unsafe])
+    labels = np.concatenate([np.zeros(3000, bool), np.ones(3000, bool)])
+    got = rates(scores, labels, 1.5)
+    assert abs(got.tpr - 0.933) < 0.02 and abs(got.fpr - 0.067) < 0.02
+    assert threshold_at_fpr([1.0, 2.0, 3.0, 4.0], 0.0) == 4.0
+    assert threshold_at_fpr(np.arange(10.0), 0.1) == 8.5
+    separated = kde_crossing(np.zeros(8), np.full(8, 40.0))
+    assert 0 < separated < 40
+    with pytest.raises(ValueError, match="target FPR"):
+        threshold_at_fpr([1.0], 1.0)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "holds no samples"),
+        ('{"prompt": "hi", "label": "safe"}\n' * 3, "at least 2 'safe' and 2 'unsafe'"),
+        ('{"prompt": "hi", "label": "harmful"}\n', "line 1: 'label' must be 'safe' or 'unsafe'"),
+        ('{"prompt": "hi", "label": "safe"}\n{"prompt": "x"', "line 2: not valid JSON"),
+        ('{"label": "safe"}\n', "line 1: 'prompt' must be a non-empty string"),
+        ('{"prompt": "hi", "label": "safe", "img": "a.png"}\n', "line 1: unknown key(s) img"),
+        ('["hi", "safe"]\n', "line 1: expected a JSON object"),
+    ],
+)
+def test_bad_data_fails_with_a_clear_message(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(CalibrationDataError) as err:
+        read_samples(path)
+    assert message in str(err.value)
+    result = CliRunner().invoke(calibrate_command, ["unused", "--data", str(path), "--out", "p"])
+    assert result.exit_code == 1 and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_images_are_listed_together_before_any_model_work(tmp_path):
+    records = [
+        {"image": "gone1.png", "prompt": "a", "label": "safe"},
+        {"prompt": "b", "label": "safe"},
+        {"image": "gone2.png", "prompt": "c", "label": "unsafe"},
+        {"prompt": "d", "label": "unsafe"},
+    ]
+    path = write_jsonl(tmp_path / "cal.jsonl", records)
+    result = CliRunner().invoke(
+        calibrate_command, ["/no/such/model", "--data", str(path), "--out", str(tmp_path / "p")]
+    )
+    assert result.exit_code == 1
+    assert "2 image(s) not found" in result.output
+    assert "line 1:" in result.output and "line 3:" in result.output
+    assert "gone1.png" in result.output and "gone2.png" in result.output
+
+
+def test_holdout_split_is_seeded_and_stratified(tmp_path):
+    path = write_jsonl(tmp_path / "cal.jsonl", marker_records())
+    samples = read_samples(path)
+    cal, held = split_holdout(samples, 0.25, seed=1)
+    assert split_holdout(samples, 0.25, seed=1) == (cal, held)
+    assert split_holdout(samples, 0.25, seed=2) != (cal, held)
+    assert sum(s.unsafe for s in held) == 3 and sum(not s.unsafe for s in held) == 3
+    assert len(cal) + len(held) == len(samples)
+    with pytest.raises(CalibrationDataError, match="--holdout"):
+        split_holdout(samples, 1.0)
+
+
+def test_selection_rule_filters_heads_with_large_safe_angles():
+    rng = np.random.default_rng(0)
+    angles = rng.uniform(1.0, 2.0, (20, 3, 4))
+    unsafe = np.arange(20) % 2 == 1
+    angles[unsafe, 0, 0] += 30.0  # biggest gap, but it also deflects safe samples a lot
+    angles[:, 0, 0] += 50.0
+    angles[unsafe, 2, 1] += 5.0  # a quiet head on safe samples with a clear gap
+    choice = select_head(angles, unsafe)
+    assert (choice.layer, choice.head) == (2, 1)
+    assert all((row["layer"], row["head"]) != (0, 0) for row in choice.table)
+    assert rates(angles[:, 2, 1], unsafe, choice.threshold).to_dict()["tpr"] == 1.0
+
+
+def test_prompt_rows_match_the_processor(sources):
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(sources["tiny"]).eval()
+    processor = transformers.AutoProcessor.from_pretrained(sources["tiny"])
+    image = sources["root"] / "rows.png"
+    noise_image(2).save(image)
+    sample = Sample("Describe the colours.", "safe", image)
+    encoded = PromptEncoder(LLAVA, model, processor).encode(sample, "Be safe.")
+    conversation = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "Be safe. " + sample.prompt}],
+        }
+    ]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    want = processor(text=[text], images=[noise_image(2)], return_tensors="pt")["input_ids"][0]
+    assert encoded.input_ids.tolist() == want.tolist()
+    tokenizer = processor.tokenizer
+    assert tokenizer.decode(encoded.input_ids[encoded.instruction_rows]).strip() == sample.prompt
+    assert tokenizer.decode(encoded.input_ids[encoded.prefix_rows]).strip() == "Be safe."
+    assert int(encoded.image_rows.sum()) == LLAVA.num_image_tokens(model.config)
+    batch = next(batches([encoded, PromptEncoder(LLAVA, model, processor).encode(sample)], 2))
+    assert batch.attention_mask[1, 0] == 0 and batch.attention_mask[0].all()
