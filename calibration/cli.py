@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from vlmguard.errors import VlmguardError
+from vlmguard.errors import one_line_errors
 
 
 @contextmanager
@@ -105,6 +105,7 @@ def _carries_ptr(bundle: Path | None) -> bool:
     type=click.Path(path_type=Path),
     help="Directory for the heatmap, ROC curves and summary.md.",
 )
+@one_line_errors
 def calibrate_command(
     source: str,
     data: Path,
@@ -119,27 +120,6 @@ def calibrate_command(
     report: Path | None,
 ) -> None:
     """Calibrate SOURCE's guards (Oh head, SafePTR window, GuardAlign strength, thresholds)."""
-    try:
-        _calibrate(source, data, out, target_fpr, holdout, seed, batch_size, bundle, detector,
-                   device, report)  # fmt: skip
-    except (VlmguardError, ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
-
-
-def _calibrate(
-    source: str,
-    data: Path,
-    out: Path,
-    target_fpr: float,
-    holdout: float,
-    seed: int,
-    batch_size: int,
-    bundle: Path | None,
-    detector: str | None,
-    device: str,
-    report: Path | None,
-) -> None:
-    """The command's work, raising our errors for the caller to print as one line."""
     import torch
     import transformers
 

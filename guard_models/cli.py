@@ -11,10 +11,9 @@ from pathlib import Path
 
 import click
 
+from vlmguard.errors import one_line_errors
+
 __all__ = ["detector", "detect"]
-
-USER_ERRORS = (ValueError, FileNotFoundError)
-
 
 @click.group("detector")
 def detector() -> None:
@@ -31,6 +30,7 @@ def detector() -> None:
               help="Extra variants: int8, qdq, fp16 or none; comma-separate several.")
 @click.option("--calibration-images", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="Directory of images to calibrate qdq (default: synthetic).")
+@one_line_errors
 def export_command(
     source: str, out_dir: Path, concepts: Path | None, quantize: str,
     calibration_images: Path | None,
@@ -38,15 +38,12 @@ def export_command(
     """Export SOURCE (a CLIP/SigLIP checkpoint, hub id in the cache, or `default`) to ONNX."""
     from .variants import parse_quantize
 
-    try:
-        parse_quantize(quantize)
-        images = _image_files(calibration_images) if calibration_images else None
-        from .detector_export import export_detector, write_detector_dir
+    parse_quantize(quantize)
+    images = _image_files(calibration_images) if calibration_images else None
+    from .detector_export import export_detector, write_detector_dir
 
-        manifest = export_detector(source, out_dir, concepts, quantize, None, images)
-        path = write_detector_dir(manifest, out_dir)
-    except USER_ERRORS as error:
-        raise click.ClickException(str(error)) from None
+    manifest = export_detector(source, out_dir, concepts, quantize, None, images)
+    path = write_detector_dir(manifest, out_dir)
     click.echo(f"wrote {path} ({', '.join(manifest['files'])}; "
                f"{len(manifest['concepts'])} concept categories)")
 
@@ -78,6 +75,7 @@ def _heatmap_path(base: Path, index: int, count: int) -> Path:
 @click.option("--method", type=click.Choice(["ot", "global", "any"]), default=None,
               help="Which score decides (default: the detector's policy).")
 @click.option("--top-k", default=3, show_default=True, help="How many concepts to report.")
+@one_line_errors
 def detect(
     detector_or_bundle: str, images: tuple[str, ...], as_json: bool, heatmap: Path | None,
     providers: tuple[str, ...], variant: str | None, method: str | None, top_k: int,
@@ -88,22 +86,19 @@ def detect(
     from .detector import SafetyDetector
     from .heatmap import render_heatmap
 
-    try:
-        model = SafetyDetector.load(
-            detector_or_bundle, providers or None, variant, {"method": method} if method else None
-        )
-        results = []
-        for index, image in enumerate(images):
-            detection = model.detect(image, name=image, top_k=top_k)
-            record = detection.to_json()
-            if heatmap is not None:
-                path = _heatmap_path(heatmap, index, len(images))
-                render_heatmap(model_view(image, model.preprocessor), detection.patch_scores,
-                               model.thresholds["ot"], path)
-                record["heatmap"] = str(path)
-            results.append(record)
-    except USER_ERRORS as error:
-        raise click.ClickException(str(error)) from None
+    model = SafetyDetector.load(
+        detector_or_bundle, providers or None, variant, {"method": method} if method else None
+    )
+    results = []
+    for index, image in enumerate(images):
+        detection = model.detect(image, name=image, top_k=top_k)
+        record = detection.to_json()
+        if heatmap is not None:
+            path = _heatmap_path(heatmap, index, len(images))
+            render_heatmap(model_view(image, model.preprocessor), detection.patch_scores,
+                           model.thresholds["ot"], path)
+            record["heatmap"] = str(path)
+        results.append(record)
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return

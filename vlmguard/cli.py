@@ -9,18 +9,15 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import VlmguardError
+from .errors import one_line_errors
 
 
 class _Group(click.Group):
-    """A click group that prints our own errors as one line instead of a traceback."""
+    """A click group that prints the errors a user can cause as one line, not a traceback."""
 
     def invoke(self, ctx: click.Context) -> object:
         """Run the command, turning user-facing errors into one-line click errors."""
-        try:
-            return super().invoke(ctx)
-        except (VlmguardError, ValueError, FileExistsError, FileNotFoundError) as err:
-            raise click.ClickException(str(err)) from err
+        return one_line_errors(super().invoke)(ctx)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
