@@ -145,8 +145,9 @@ def calibrate_command(
     oh = cal["oh"]
     click.echo(
         f"oh: layer {oh['layer']} head {oh['head']} threshold {oh['threshold_degrees']:.4f} deg; "
-        f"ptr window {cal['ptr']['window']}; align gamma {cal['align']['gamma']} on layers "
-        f"{cal['align']['layers']}; {cal['timings_s']['total']:.1f} s"
+        "ptr window [{}, {}); ".format(*cal["ptr"]["window"])
+        + f"align gamma {cal['align']['gamma']} on layers {cal['align']['layers']}; "
+        f"{cal['timings_s']['total']:.1f} s"
     )
     click.echo(f"wrote {out}")
     if report is not None:
