@@ -199,13 +199,24 @@ class GuardedVLM:
         row.opening = opening
 
     def _check_context(self, row: _Row, max_new: int) -> None:
-        """Refuse, before any model runs, a prompt that cannot fit the context window."""
-        used = len(row.encoded.input_ids) + max_new
+        """Refuse, before any model runs, a prompt that cannot fit the context window.
+
+        Room is kept for the longest prompt the guards may make of it (safety prefix, Oh's
+        instruction and forced opening), so no guard can push a request past the context.
+        """
+        prefix = (self.policy.align_safety_prefix if self.detector is not None else "") + (
+            self.policy.oh_safety_instruction if "oh" in self.defenses else ""
+        )
+        opening = " " + self.policy.oh_refusal_opening if "oh" in self.defenses else ""
+        longest = self.prompts.token_count(
+            row.prompt, row.image is not None, prefix or None, opening
+        )
+        used = longest + max_new
         if used > self.context:
             raise ContextLengthError(
-                f"the prompt has {len(row.encoded.input_ids)} tokens and max_new_tokens is "
-                f"{max_new}: {used} exceeds the model's context of {self.context}; shorten the "
-                "prompt or lower max_new_tokens"
+                f"the prompt needs up to {longest} tokens with its guard prefixes and "
+                f"max_new_tokens is {max_new}: {used} exceeds the model's context of "
+                f"{self.context}; shorten the prompt or lower max_new_tokens"
             )
 
     def _fail(self, row: _Row, stage: str, reason: str) -> None:
@@ -233,7 +244,9 @@ class GuardedVLM:
             for key in ("global", "ot") if method == "any" else (method,):
                 thresholds[key] = self.policy.detector_threshold
         return SafetyDetector(
-            self.manifest["detector"], self.engine.bundle, self.engine.providers,
+            self.manifest["detector"],
+            self.engine.bundle,
+            self.engine.providers,
             thresholds=thresholds,
         )
 

@@ -174,3 +174,12 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "random weights" in result.output and "oh" in result.output
     assert "vlmguard export" in result.output
+
+
+def test_context_check_keeps_room_for_the_guard_prefixes(guarded):
+    vlm = GuardedVLM.load(guarded, providers="cpu")
+    prompt = "word " * 200
+    plain = vlm.prompts.token_count(prompt, False)
+    vlm.engine.run_decoder = _raise  # nothing may run
+    with pytest.raises(ContextLengthError, match="guard prefixes"):
+        vlm.generate(None, prompt, max_new_tokens=vlm.context - plain)  # fits only unguarded
