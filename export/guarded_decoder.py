@@ -11,6 +11,8 @@ decode, so decode never pays for them):
   scaled by 1e-5, giving `oh_angle` at the last position.
 
 Both branches see no past keys: they are meant for a prefill that starts from an empty cache.
+The muted branch replays the trunk's guards; where SafePTR's window ends after the Oh layer,
+it takes the restored (pruned) positions from the unmuted restore branch, as the trunk does.
 """
 
 from __future__ import annotations
