@@ -283,9 +283,6 @@ class GuardedVLM:
         live = [row for row in rows if not row.done]
         if not live:
             return
-        for row in live:
-            if row.refusal_path and not row.opening:
-                self._encode(row)
         if any(row.refusal_path for row in live):
             live = [row for row in live if row.refusal_path]  # the second pass redoes these only
         encoded = [row.encoded for row in live]
@@ -395,6 +392,7 @@ class GuardedVLM:
                 row.report.decide("oh", "observe", "no calibrated threshold: angle reported only")
             elif angle > threshold:
                 row.refusal_path = True
+                self._encode(row)
                 row.report.decide(
                     "oh", "refusal_path", f"angle {angle:.3f} > {threshold:.3f} degrees"
                 )
@@ -423,6 +421,8 @@ class GuardedVLM:
         eos = set(self.prompts.eos_token_ids)
         pad = self.prompts.pad_token_id
         logits, state, mask, prefix = batch.last_logits, batch.state, batch.mask, batch.prefix
+        position = _positions(mask)[:, -1:]
+        guard_feeds = self._decode_guard_feeds(size)
         for step in range(max_new):
             tokens = pick_tokens(logits, sampling, rng)
             for i, row in enumerate(rows):
@@ -438,7 +438,12 @@ class GuardedVLM:
                 break
             started = time.perf_counter()
             mask = np.concatenate([mask, np.ones((size, 1), np.int64)], axis=1)
-            feeds = self._decode_feeds(tokens, mask, size)
+            position = position + 1
+            feeds = guard_feeds | {
+                "inputs_embeds": self.engine.embed(tokens[:, None]),
+                "attention_mask": mask,
+                "position_ids": position,
+            }
             if prefix is not None:
                 prefix = np.concatenate([prefix, np.zeros((size, 1), np.int64)], axis=1)
                 feeds["align_prefix_mask"] = prefix
@@ -448,13 +453,9 @@ class GuardedVLM:
             for row in rows:
                 row.report.decode_step_ms.append(elapsed)
 
-    def _decode_feeds(self, tokens: np.ndarray, mask: np.ndarray, size: int) -> dict:
-        """One decode step's inputs: the new tokens' embeddings and empty guard branches."""
-        feeds = {
-            "inputs_embeds": self.engine.embed(tokens[:, None]),
-            "attention_mask": mask,
-            "position_ids": _positions(mask)[:, -1:],
-        }
+    def _decode_guard_feeds(self, size: int) -> dict[str, np.ndarray]:
+        """The guard inputs every decode step shares: side branches empty, nothing new to prune."""
+        feeds = {}
         if self.engine.has_input("guard_positions"):
             feeds["guard_positions"] = np.zeros(0, np.int64)
         if "align" in self.defenses:
