@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from vlmguard.export.families import FamilySpec
+from vlmguard.runtime.prompting import token_rows_in_span
 
 from .data import Sample
 
@@ -59,9 +60,9 @@ class Batch:
 
 
 def _span_rows(offsets: list[tuple[int, int]], span: tuple[int, int]) -> list[bool]:
-    """Which tokens overlap a character span."""
-    start, end = span
-    return [a < end and b > start and start < end for a, b in offsets]
+    """Per token, whether it overlaps a character span (the runtime's rule, as booleans)."""
+    inside = set(token_rows_in_span(offsets, span))
+    return [i in inside for i in range(len(offsets))]
 
 
 class PromptEncoder:

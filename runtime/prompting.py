@@ -131,7 +131,7 @@ def _required_file(bundle: Path, name: str) -> Path:
     return path
 
 
-def _rows(offsets: list[tuple[int, int]], span: tuple[int, int]) -> list[int]:
+def token_rows_in_span(offsets: list[tuple[int, int]], span: tuple[int, int]) -> list[int]:
     """Indices of the tokens whose character offsets overlap `span` (empty ones never do)."""
     start, end = span
     if start >= end:
@@ -310,8 +310,8 @@ class PromptBuilder:
         """Token ids of the rendered prompt with the image token expanded, and the guard rows."""
         rendered = self._layout(prompt, with_image, safety_prefix, assistant_prefix)
         encoding = self._tokenize(rendered.text)
-        instruction = set(_rows(encoding.offsets, rendered.prompt_span))
-        prefix = set(_rows(encoding.offsets, rendered.prefix_span))
+        instruction = set(token_rows_in_span(encoding.offsets, rendered.prompt_span))
+        prefix = set(token_rows_in_span(encoding.offsets, rendered.prefix_span))
         ids: list[int] = []
         image_rows: list[int] = []
         instruction_rows: list[int] = []
