@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from vlmguard.runtime.image_preprocess import ImageInput, preprocess_image
+from vlmguard.runtime.providers import create_session
 
 from .sources import DEFAULT_NAME, default_detector_dir
 from .variants import pick_variant
@@ -100,7 +101,6 @@ class SafetyDetector:
         thresholds: dict[str, Any] | None = None,
     ) -> None:
         """Open the variant that fits the providers (or the one named) for a manifest."""
-        import onnxruntime as ort
 
         self.manifest = manifest
         self.providers = list(providers or ["CPUExecutionProvider"])
@@ -119,16 +119,7 @@ class SafetyDetector:
             )
         self.concept_names = [concept["name"] for concept in manifest["concepts"]]
         self.grid = tuple(manifest["patch_grid"])
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(
-                str(self.path), sess_options=options, providers=self.providers
-            )
-        except Exception as error:  # noqa: BLE001 - ORT raises many types; report one line
-            raise DetectorRunError(
-                f"cannot load {self.path} with {self.providers}: {str(error).splitlines()[0]}"
-            ) from None
+        self.session = create_session(self.path, self.providers, [{}] * len(self.providers))
         self.output_names = [output.name for output in self.session.get_outputs()]
 
     @classmethod
