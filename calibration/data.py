@@ -12,7 +12,7 @@ import numpy as np
 from vlmguard.errors import VlmguardError
 
 LABELS = ("safe", "unsafe")
-_KEYS = {"image", "prompt", "label", "category"}
+_KEYS = {"image", "prompt", "label", "category", "id", "source"}
 
 
 class CalibrationDataError(VlmguardError):
@@ -28,6 +28,8 @@ class Sample:
     image: Path | None = None
     category: str | None = None
     line: int = 0
+    id: str | None = None  # optional: the dataset's own id (evaluation reports it)
+    source: str | None = None  # optional: the dataset or attack the sample comes from
 
     @property
     def unsafe(self) -> bool:
@@ -56,13 +58,28 @@ def _parse_line(text: str, number: int, base: Path) -> Sample:
     image = record.get("image")
     if image is not None and (not isinstance(image, str) or not image.strip()):
         raise CalibrationDataError(f"{where}: 'image' must be a path string or absent")
-    category = record.get("category")
-    if category is not None and not isinstance(category, str):
-        raise CalibrationDataError(f"{where}: 'category' must be a string or absent")
-    return Sample(prompt, label, base / image if image else None, category, number)
+    for key in ("category", "id", "source"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise CalibrationDataError(f"{where}: '{key}' must be a string or absent")
+    return Sample(
+        prompt, label, base / image if image else None, record.get("category"), number,
+        record.get("id"), record.get("source"),
+    )  # fmt: skip
 
 
 def read_samples(path: str | Path) -> list[Sample]:
+    """Read a calibration JSONL file: valid lines, images present, >= 2 samples of each label."""
+    samples = read_jsonl(path)
+    counts = {label: sum(s.label == label for s in samples) for label in LABELS}
+    absent = [label for label, count in counts.items() if count < 2]
+    if absent:
+        raise CalibrationDataError(
+            f"{path} needs at least 2 'safe' and 2 'unsafe' samples; it has {counts}"
+        )
+    return samples
+
+
+def read_jsonl(path: str | Path) -> list[Sample]:
     """Read and validate a JSONL file; missing images are listed together before any model work."""
     path = Path(path)
     if not path.is_file():
@@ -70,17 +87,16 @@ def read_samples(path: str | Path) -> list[Sample]:
     samples = []
     for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if text.strip():
-            samples.append(_parse_line(text, number, path.parent))
+            try:
+                samples.append(_parse_line(text, number, path.parent))
+            except CalibrationDataError as err:
+                raise CalibrationDataError(f"{path}: {err}") from None
     if not samples:
         raise CalibrationDataError(f"{path} holds no samples; write one JSON object per line")
     missing = [f"line {s.line}: {s.image}" for s in samples if s.image and not s.image.is_file()]
     if missing:
-        raise CalibrationDataError(f"{len(missing)} image(s) not found: {'; '.join(missing)}")
-    counts = {label: sum(s.label == label for s in samples) for label in LABELS}
-    absent = [label for label, count in counts.items() if count < 2]
-    if absent:
         raise CalibrationDataError(
-            f"{path} needs at least 2 'safe' and 2 'unsafe' samples; it has {counts}"
+            f"{path}: {len(missing)} image(s) not found: {'; '.join(missing)}"
         )
     return samples
 
