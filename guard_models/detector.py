@@ -16,7 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from vlmguard.runtime.image_preprocess import ImageInput, preprocess_image
+from vlmguard.runtime.image_preprocess import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageInput,
+    preprocess_image,
+)
 from vlmguard.runtime.providers import create_session
 
 from .sources import DEFAULT_NAME, default_detector_dir
@@ -92,6 +96,8 @@ def find_detector_manifest(source: str | Path) -> tuple[dict[str, Any], Path]:
 class SafetyDetector:
     """An ONNX Runtime session over one detector graph plus its manifest."""
 
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # detect() refuses larger images
+
     def __init__(
         self,
         manifest: dict[str, Any],
@@ -153,7 +159,7 @@ class SafetyDetector:
     def detect(self, image: ImageInput, name: str | None = None, top_k: int = 3) -> Detection:
         """Score one image and decide whether it is unsafe (fail-closed on non-finite scores)."""
         label = name if name is not None else (str(image) if isinstance(image, (str, Path)) else "")
-        outputs = self.run(preprocess_image(image, self.preprocessor))
+        outputs = self.run(preprocess_image(image, self.preprocessor, self.max_pixels))
         return self.decide(outputs, 0, label, top_k)
 
     def decide(

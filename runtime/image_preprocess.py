@@ -5,6 +5,14 @@ backend: `CLIPImageProcessorPil`, `SiglipImageProcessorPil` and friends) from th
 bundle's `preprocessor_config.json`: convert to RGB (transparency composited onto white),
 resize with the processor's resample filter and size rule, center crop, rescale, normalize,
 and return a channels-first float32 batch of one. No torch, no transformers.
+
+Hostile inputs end in one `ImageInputError` line (never a Pillow traceback) or are handled as
+the equivalent RGB image: files and bytes are refused past a pixel limit before they are
+decoded (`max_pixels`, default `DEFAULT_MAX_IMAGE_PIXELS`), as is any image the size rule would
+blow up past it (an extreme aspect ratio); animated files give their first frame; the EXIF
+orientation is applied to files, bytes and PIL images alike; 16-bit grayscale keeps its high
+byte (transformers clips it at 255 instead); every other Pillow mode converts as transformers
+converts it.
 """
 
 from __future__ import annotations
@@ -12,18 +20,37 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from vlmguard.errors import VlmguardError
 
 ImageInput = str | os.PathLike | bytes | bytearray | Image.Image | np.ndarray
 
+# Pillow's own default warning threshold (about 9459 x 9459): the same images a default Pillow
+# warns about are refused here unless the caller raises the limit.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+_ORIENTATION_TAG = 0x0112
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
 __all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "ImageInput",
     "ImageInputError",
     "ImageFileNotFoundError",
+    "ImageTooLargeError",
     "ProcessorConfigError",
     "load_rgb_image",
     "model_view",
@@ -32,11 +59,15 @@ __all__ = [
 ]
 
 
-class ImageInputError(ValueError):
+class ImageInputError(VlmguardError, ValueError):
     """An image the user passed cannot be decoded or has an unsupported layout."""
 
 
-class ImageFileNotFoundError(FileNotFoundError):
+class ImageTooLargeError(ImageInputError):
+    """An image (or what the size rule would resize it to) has more pixels than the limit."""
+
+
+class ImageFileNotFoundError(VlmguardError, FileNotFoundError):
     """An image path the user passed does not exist."""
 
 
@@ -47,34 +78,107 @@ class ProcessorConfigError(ValueError):
 def _describe(image: Any) -> str:
     """Name an image input in an error message without dumping its bytes."""
     if isinstance(image, (str, os.PathLike)):
-        return str(image)
+        text = str(image)
+        return text if text.isprintable() else repr(text)  # one line, whatever the name holds
     if isinstance(image, (bytes, bytearray)):
         return f"<{len(image)} bytes>"
     return f"<{type(image).__name__}>"
 
 
-def _open_image(source: str | os.PathLike | bytes | bytearray) -> Image.Image:
-    """Open and fully decode an image file or encoded bytes, applying its EXIF orientation."""
+def _reason(error: BaseException) -> str:
+    """An exception's message on one line (its type name when it has none)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _check_limit(max_pixels: int | None) -> None:
+    """Refuse a pixel limit that is not a positive int or None."""
+    if max_pixels is not None and (
+        isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1
+    ):
+        raise ValueError(f"max_pixels must be a positive int or None, not {max_pixels!r}")
+
+
+def _check_pixels(name: str, width: int, height: int, max_pixels: int | None) -> None:
+    """Refuse an image of width x height past the limit, or an empty one."""
+    if width < 1 or height < 1:
+        raise ImageInputError(f"{name} is empty ({width}x{height} pixels); pass a non-empty image.")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{name} has {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,}; downscale it, or raise the limit (max_image_pixels)."
+        )
+
+
+def _open_image(
+    source: str | os.PathLike | bytes | bytearray, max_pixels: int | None
+) -> Image.Image:
+    """Open an image file or encoded bytes, check its size, then decode its first frame."""
     name = _describe(source)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
+        if not path.exists():
+            raise ImageFileNotFoundError(f"image not found: {name}; check the path.")
         if not path.is_file():
-            raise ImageFileNotFoundError(f"image not found: {path}; check the path.")
+            raise ImageInputError(f"{name} is not a regular file; pass an image file.")
         data: Any = path
     else:
         data = io.BytesIO(bytes(source))
     try:
-        image = Image.open(data)
-        image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageInputError(
-            f"{name} is not a readable image ({error}); pass a PNG, JPEG, WebP or similar file."
+        with warnings.catch_warnings():  # the size is judged below, against max_pixels
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(data)
+    except Image.DecompressionBombError:  # over twice Pillow's own limit
+        pillow = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        if max_pixels is not None and max_pixels <= pillow:
+            raise ImageTooLargeError(
+                f"{name} has more than {pillow:,} pixels, over the limit of {max_pixels:,}; "
+                "downscale it, or raise the limit (max_image_pixels)."
+            ) from None
+        raise ImageTooLargeError(
+            f"{name} has more than {pillow:,} pixels, over Pillow's own limit; raise "
+            "PIL.Image.MAX_IMAGE_PIXELS as well as max_image_pixels to accept it."
         ) from None
-    return ImageOps.exif_transpose(image)
+    except UnidentifiedImageError:
+        raise ImageInputError(
+            f"{name} is not a readable image (no image format Pillow knows); "
+            "pass a PNG, JPEG, WebP or similar file."
+        ) from None
+    except Exception as error:  # Pillow raises many types on hostile bytes
+        raise ImageInputError(
+            f"{name} is not a readable image ({_reason(error)}); "
+            "pass a PNG, JPEG, WebP or similar file."
+        ) from None
+    try:
+        _check_pixels(name, image.width, image.height, max_pixels)
+        image.load()  # the first frame of an animated file
+    except ImageInputError:
+        image.close()
+        raise
+    except Exception as error:  # truncated or corrupt data, in any of Pillow's forms
+        image.close()
+        raise ImageInputError(
+            f"{name} is not a readable image ({_reason(error)}); "
+            "pass a complete PNG, JPEG, WebP or similar file."
+        ) from None
+    return image
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag, as a viewer shows the image; broken EXIF is ignored."""
+    try:
+        orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+    except Exception:  # malformed EXIF: the pixels are still fine, keep them as stored
+        return image
+    method = _TRANSPOSES.get(orientation) if isinstance(orientation, int) else None
+    return image if method is None else image.transpose(method)
 
 
 def _pil_to_rgb(image: Image.Image) -> np.ndarray:
     """Convert a PIL image to an HxWx3 uint8 array, compositing transparency onto white."""
+    if image.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte, as for 16-bit RGB
+        image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
+    elif image.mode == "La":  # premultiplied alpha: transformers refuses it, Pillow converts it
+        image = image.convert("LA")
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
     if has_alpha:
         rgba = image.convert("RGBA")
@@ -106,18 +210,31 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def load_rgb_image(image: ImageInput) -> np.ndarray:
-    """Load any supported image input as an HxWx3 uint8 RGB array."""
+def _image_to_rgb(image: Image.Image, max_pixels: int | None) -> np.ndarray:
+    """Check a PIL image's size, then turn it upright and into an HxWx3 uint8 RGB array."""
+    _check_pixels("the image", image.width, image.height, max_pixels)
+    try:
+        return _pil_to_rgb(_upright(image))
+    except Exception as error:  # an unconvertible mode, or a lazy image that fails to load
+        raise ImageInputError(
+            f"cannot convert the {image.mode} image to RGB ({_reason(error)}); "
+            "convert it to RGB first."
+        ) from None
+
+
+def load_rgb_image(
+    image: ImageInput, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> np.ndarray:
+    """Load any supported image input as an HxWx3 uint8 RGB array (None: no pixel limit)."""
+    _check_limit(max_pixels)
     if isinstance(image, (str, os.PathLike, bytes, bytearray)):
-        image = _open_image(image)
+        with _open_image(image, max_pixels) as opened:  # closes the file, animated ones too
+            return _image_to_rgb(opened, max_pixels)
     if isinstance(image, Image.Image):
-        if image.width == 0 or image.height == 0:
-            raise ImageInputError("the image is empty (zero width or height).")
-        try:
-            return _pil_to_rgb(image)
-        except (OSError, ValueError) as error:
-            raise ImageInputError(f"cannot convert the image to RGB ({error}).") from None
+        return _image_to_rgb(image, max_pixels)
     if isinstance(image, np.ndarray):
+        if image.ndim in (2, 3):
+            _check_pixels("the array image", image.shape[1], image.shape[0], max_pixels)
         return _array_to_rgb(image)
     raise ImageInputError(
         f"unsupported image input {_describe(image)}; pass a path, encoded bytes, "
@@ -143,7 +260,13 @@ def _size_rule(config: dict[str, Any]) -> dict[str, int]:
 
 
 def output_size(height: int, width: int, config: dict[str, Any]) -> tuple[int, int]:
-    """Compute the (height, width) the processor resizes an image of this size to."""
+    """Compute the (height, width) the processor resizes an image of this size to (each >= 1)."""
+    new_height, new_width = _rule_size(height, width, config)
+    return max(1, new_height), max(1, new_width)  # an extreme aspect ratio may round to 0
+
+
+def _rule_size(height: int, width: int, config: dict[str, Any]) -> tuple[int, int]:
+    """The processor's size rule applied to an image of this size."""
     size = _size_rule(config)
     if "shortest_edge" in size and "longest_edge" in size:
         return _shortest_longest(height, width, size["shortest_edge"], size["longest_edge"])
@@ -196,11 +319,22 @@ def _crop_size(config: dict[str, Any]) -> tuple[int, int]:
     raise ProcessorConfigError(f"unsupported 'crop_size' in preprocessor config: {crop!r}.")
 
 
-def model_view(image: ImageInput, processor_config: dict[str, Any]) -> np.ndarray:
+def model_view(
+    image: ImageInput,
+    processor_config: dict[str, Any],
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> np.ndarray:
     """The resized, center-cropped HxWx3 uint8 RGB image the model sees (before scaling)."""
-    rgb = load_rgb_image(image)
+    rgb = load_rgb_image(image, max_pixels)
     if processor_config.get("do_resize", True):
         height, width = output_size(rgb.shape[0], rgb.shape[1], processor_config)
+        if max_pixels is not None and height * width > max_pixels:
+            raise ImageTooLargeError(
+                f"the processor's size rule would resize this {rgb.shape[1]}x{rgb.shape[0]} "
+                f"image to {width}x{height} = {width * height:,} pixels, over the limit of "
+                f"{max_pixels:,}; crop it to a less extreme aspect ratio, or raise the limit "
+                "(max_image_pixels)."
+            )
         resample = Image.Resampling(int(processor_config.get("resample", 2)))  # 2: bilinear
         resized = Image.fromarray(rgb).resize((width, height), resample=resample)
         rgb = np.asarray(resized, dtype=np.uint8)
@@ -209,9 +343,17 @@ def model_view(image: ImageInput, processor_config: dict[str, Any]) -> np.ndarra
     return rgb
 
 
-def preprocess_image(image: ImageInput, processor_config: dict[str, Any]) -> np.ndarray:
-    """Turn one image into the (1, 3, H, W) float32 pixel_values a CLIP/SigLIP processor makes."""
-    rgb = model_view(image, processor_config)
+def preprocess_image(
+    image: ImageInput,
+    processor_config: dict[str, Any],
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> np.ndarray:
+    """Turn one image into the (1, 3, H, W) float32 pixel_values a CLIP/SigLIP processor makes.
+
+    Images with more than `max_pixels` pixels (None: no limit), or that the size rule would
+    resize past it, raise ImageTooLargeError; files and bytes are checked before decoding.
+    """
+    rgb = model_view(image, processor_config, max_pixels)
     pixels = np.ascontiguousarray(rgb.transpose(2, 0, 1))
     if processor_config.get("do_rescale", True):
         scale = float(processor_config.get("rescale_factor", 1 / 255))

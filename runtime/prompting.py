@@ -8,11 +8,17 @@ rendered with jinja2 in the same sandbox settings transformers uses, the text is
 rendered text already starts with it, as `apply_chat_template(tokenize=True)` decides), and each
 image token becomes `tokens_per_image` copies. It also reports which rows hold the image, the
 user's instruction and the safety prefix, which the guards need. No torch, no transformers.
+
+The user's text is data, never structure: a prompt that spells a special token (`<image>`,
+`</s>`, `<|im_start|>`, ...) is tokenized as the plain text it is, so only the template places
+special tokens and image rows. Control characters are kept and tokenized as text; a prompt
+with a lone surrogate (invalid UTF-8 decoded with `surrogateescape`) raises PromptError.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,9 +30,9 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Encoding, Tokenizer
 
-from vlmguard.errors import BundleError
+from vlmguard.errors import BundleError, VlmguardError
 
-__all__ = ["EncodedPrompt", "PromptBuilder"]
+__all__ = ["EncodedPrompt", "PromptBuilder", "PromptError"]
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -38,6 +44,10 @@ _CLEANUPS = (
     (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
     (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
 )  # fmt: skip
+
+
+class PromptError(VlmguardError, ValueError):
+    """A prompt (or a guard text) that cannot be tokenized as text, said in one line."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,7 @@ class _Rendered:
     text: str
     prefix_span: tuple[int, int]
     prompt_span: tuple[int, int]
+    user_span: tuple[int, int]  # prefix and prompt together: tokenized as text only
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -146,11 +157,44 @@ def _clip(span: tuple[int, int], bounds: tuple[int, int]) -> tuple[int, int]:
 
 
 def _check_text(name: str, value: Any, optional: bool = False) -> None:
-    """Refuse a non-string prompt part with a message that names it."""
+    """Refuse a non-string prompt part, or one that is not valid Unicode, naming it."""
     if value is None and optional:
         return
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+        hint = "; decode it first, e.g. value.decode('utf-8')" if isinstance(value, bytes) else ""
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}{hint}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise PromptError(
+            f"{name} is not valid text: it has the lone surrogate {value[err.start]!r} at "
+            f"character {err.start} (invalid UTF-8 decoded with 'surrogateescape'?); "
+            "pass UTF-8 text"
+        ) from None
+
+
+def _text_tokenizer(data: dict) -> Tokenizer:
+    """A tokenizer from tokenizer.json data that reads special tokens' strings as text."""
+    tokenizer = Tokenizer.from_str(json.dumps(data))
+    tokenizer.encode_special_tokens = True
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def _never_prepend(node: Any) -> bool:
+    """Switch every Metaspace prepend_scheme "first" under `node` to "never"; True if any."""
+    changed = False
+    if isinstance(node, dict):
+        if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+            node["prepend_scheme"] = "never"
+            changed = True
+        for value in node.values():
+            changed = _never_prepend(value) or changed
+    elif isinstance(node, list):
+        for value in node:
+            changed = _never_prepend(value) or changed
+    return changed
 
 
 class PromptBuilder:
@@ -193,6 +237,18 @@ class PromptBuilder:
                 f"{self.image_token_id}: re-export the bundle with `vlmguard export`"
             )
         self.tokenizer = tokenizer
+        # Tokens the user's text must never spell: every special added token and the image
+        # token, by id with their text (an <unk> the model gives an unknown character is fine).
+        decoder = tokenizer.get_added_tokens_decoder()
+        named = set(self.special_tokens.values()) | {self.image_token}
+        self._special_text = {
+            i: token.content
+            for i, token in decoder.items()
+            if token.special or token.content in named
+        }
+        self._special_ids = frozenset(self._special_text)
+        self._text_tokenizers: tuple[Tokenizer, Tokenizer] | None = None  # built on first need
+        self._text_tokenizer_lock = threading.Lock()
         self.template = compile_chat_template(chat_template)
         self.eos_token_ids: list[int] = [int(i) for i in (eos if isinstance(eos, list) else [eos])]
         bos = special.get("bos_token_id")
@@ -247,12 +303,16 @@ class PromptBuilder:
         _check_text("assistant_prefix", assistant_prefix)
         if not isinstance(with_image, bool):
             raise TypeError(f"with_image must be a bool, got {type(with_image).__name__}")
-        for name, part in (("prompt", prompt), ("safety_prefix", safety_prefix),
-                           ("assistant_prefix", assistant_prefix)):  # fmt: skip
+        # The guard texts come from the policy: a written image token there is a mistake. The
+        # user's prompt may spell it; it is tokenized as text (see `_tokenize`).
+        for name, part in (
+            ("safety_prefix", safety_prefix),
+            ("assistant_prefix", assistant_prefix),
+        ):
             if part and self.image_token in part:
-                raise ValueError(
-                    f"{name} contains the image token {self.image_token!r}; pass the image "
-                    "with with_image=True instead of writing its token"
+                raise PromptError(
+                    f"{name} contains the image token {self.image_token!r}; remove it from "
+                    "the policy's text (the image is placed by the chat template)"
                 )
         prefix = safety_prefix or ""
         if prefix and not prefix[-1].isspace():
@@ -279,6 +339,7 @@ class PromptBuilder:
             text,
             prefix_span=_clip((start, start + len(safety_prefix or "")), shown),
             prompt_span=_clip((prompt_start, prompt_start + len(prompt)), shown),
+            user_span=shown,
         )
 
     def render(
@@ -295,10 +356,96 @@ class PromptBuilder:
         """
         return self._layout(prompt, with_image, safety_prefix, assistant_prefix).text
 
-    def _tokenize(self, text: str) -> Encoding:
-        """Tokenize rendered chat text, adding special tokens unless it already starts with BOS."""
-        starts_with_bos = bool(self.bos_token) and text.startswith(self.bos_token)
-        return self.tokenizer.encode(text, add_special_tokens=not starts_with_bos)
+    def _tokenize(self, rendered: _Rendered) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets of the rendered chat, the user's text tokenized as text.
+
+        Special tokens are added unless the template itself starts the text with BOS. When the
+        user's text spells a special token, `_encode_as_text` re-tokenizes it without it.
+        """
+        text, (start, end) = rendered.text, rendered.user_span
+        bos = self.bos_token or ""
+        user_wrote_bos = start < end and start < len(bos)
+        template_bos = bool(bos) and text.startswith(bos) and not user_wrote_bos
+        encoding = self.tokenizer.encode(text, add_special_tokens=not template_bos)
+        if not self._special_in_span(text, encoding.ids, encoding.offsets, rendered.user_span):
+            return encoding.ids, encoding.offsets
+        ids, offsets = self._encode_as_text(text, encoding, rendered.user_span)
+        if self._special_in_span(text, ids, offsets, rendered.user_span):  # never expected
+            raise PromptError(
+                "the tokenizer still reads a special token in the prompt's text; "
+                "remove special-token strings from the prompt"
+            )
+        return ids, offsets
+
+    def _special_in_span(
+        self, text: str, ids: list[int], offsets: list[tuple[int, int]], span: tuple[int, int]
+    ) -> bool:
+        """Whether a special token read from its written text overlaps `span`."""
+        start, end = span
+        return any(
+            lo < end and hi > start and self._spelled(text, token, lo, hi)
+            for token, (lo, hi) in zip(ids, offsets, strict=True)
+        )
+
+    def _spelled(self, text: str, token: int, lo: int, hi: int) -> bool:
+        """Whether `token` is a special token matched from its text at text[lo:hi]."""
+        return token in self._special_text and self._special_text[token] in text[lo:hi]
+
+    def _text_only_tokenizers(self) -> tuple[Tokenizer, Tokenizer]:
+        """Copies of the tokenizer that read special tokens' strings as plain text.
+
+        The first tokenizes a piece at the start of the text, the second one further in: a
+        Metaspace pre-tokenizer that prepends its space to the first piece only must not
+        prepend it to a piece that is on its own here but mid-text in the original.
+        """
+        with self._text_tokenizer_lock:
+            if self._text_tokenizers is None:
+                data = json.loads(self.tokenizer.to_str())
+                for token in data.get("added_tokens", []):
+                    if token.get("id") in self._special_ids:
+                        token["special"] = True
+                first = _text_tokenizer(data)
+                later = first
+                if _never_prepend(data.get("pre_tokenizer")):
+                    later = _text_tokenizer(data)
+                self._text_tokenizers = (first, later)
+            return self._text_tokenizers
+
+    def _encode_as_text(
+        self, text: str, encoding: Encoding, span: tuple[int, int]
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Re-tokenize `text` keeping only the special tokens outside `span`.
+
+        The tokenizer cuts text at special tokens and tokenizes the pieces between them on
+        their own, so cutting at the template's special tokens only and tokenizing each piece
+        with special-token matching off reads the user's text as plain text. Tokens the
+        post-processor added (BOS) are kept where it put them.
+        """
+        start, end = span
+        rows = list(zip(encoding.ids, encoding.offsets, encoding.sequence_ids, strict=True))
+        content = [i for i, row in enumerate(rows) if row[2] is not None]
+        first, last = (content[0], content[-1] + 1) if content else (len(rows), len(rows))
+        ids = [token for token, _, _ in rows[:first]]
+        offsets = [(0, 0)] * first
+        first_piece, later_piece = self._text_only_tokenizers()
+        position = 0
+        cuts = [
+            (token, lo, hi)
+            for token, (lo, hi), _ in rows[first:last]
+            if self._spelled(text, token, lo, hi) and not (lo < end and hi > start)
+        ]
+        for token, lo, hi in [*cuts, (None, len(text), len(text))]:
+            tokenizer = first_piece if position == 0 else later_piece
+            piece = tokenizer.encode(text[position:lo], add_special_tokens=False)
+            ids.extend(piece.ids)
+            offsets.extend((a + position, b + position) for a, b in piece.offsets)
+            if token is not None:
+                ids.append(token)
+                offsets.append((lo, hi))
+            position = hi
+        ids.extend(token for token, _, _ in rows[last:])
+        offsets.extend([(0, 0)] * (len(rows) - last))
+        return ids, offsets
 
     def encode(
         self,
@@ -309,14 +456,14 @@ class PromptBuilder:
     ) -> EncodedPrompt:
         """Token ids of the rendered prompt with the image token expanded, and the guard rows."""
         rendered = self._layout(prompt, with_image, safety_prefix, assistant_prefix)
-        encoding = self._tokenize(rendered.text)
-        instruction = set(token_rows_in_span(encoding.offsets, rendered.prompt_span))
-        prefix = set(token_rows_in_span(encoding.offsets, rendered.prefix_span))
+        token_ids, offsets = self._tokenize(rendered)
+        instruction = set(token_rows_in_span(offsets, rendered.prompt_span))
+        prefix = set(token_rows_in_span(offsets, rendered.prefix_span))
         ids: list[int] = []
         image_rows: list[int] = []
         instruction_rows: list[int] = []
         prefix_rows: list[int] = []
-        for index, token_id in enumerate(encoding.ids):
+        for index, token_id in enumerate(token_ids):
             if token_id == self.image_token_id:  # the processor repeats "<image>" in the text
                 image_rows.extend(range(len(ids), len(ids) + self.tokens_per_image))
                 ids.extend([token_id] * self.tokens_per_image)

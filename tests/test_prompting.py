@@ -176,7 +176,7 @@ def test_decode_round_trips(pair) -> None:
 
 
 def test_bad_inputs(pair) -> None:
-    """Non-string parts and a written image token are refused with clear messages."""
+    """Non-string parts and an image token in a guard text are refused with clear messages."""
     builder, _ = pair
     with pytest.raises(TypeError, match="prompt must be a str"):
         builder.encode(None, True)  # type: ignore[arg-type]
@@ -187,7 +187,7 @@ def test_bad_inputs(pair) -> None:
     with pytest.raises(TypeError, match="safety_prefix must be a str"):
         builder.encode("hi", True, safety_prefix=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="image token"):
-        builder.encode("look <image> here", True)
+        builder.encode("look here", True, safety_prefix="<image> is unsafe")
     with pytest.raises(ValueError, match="at least one"):
         builder.pad_batch([])
 
