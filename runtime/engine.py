@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from vlmguard.errors import BundleError
+from vlmguard.integrity import DEFAULT_MODE, verify_bundle
 from vlmguard.manifest import read_manifest
 
 from .providers import create_session, provider_options, resolve_providers, trt_profiles
@@ -39,9 +40,19 @@ class BundleEngine:
         providers: list[str] | str | None = None,
         provider_overrides: dict[str, dict] | None = None,
         threads: int | None = None,
+        integrity: str = DEFAULT_MODE,
     ) -> None:
+        """Check the bundle's files (`integrity`: "sha256" or "size"), then open its graphs."""
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle)
+        self.integrity = verify_bundle(self.bundle, integrity, self.manifest)  # before any session
+        log.info(
+            "vlmguard integrity (%s): %d files, %.1f MB in %.0f ms",
+            self.integrity.mode,
+            self.integrity.files,
+            self.integrity.bytes / 1e6,
+            self.integrity.seconds * 1e3,
+        )
         self.providers = resolve_providers(providers)
         decoder_file = self.manifest["graphs"]["decoder"]["file"]
         bundle_sha = self.manifest["files"].get(decoder_file, {}).get("sha256", "unknown")

@@ -56,7 +56,7 @@ def read_manifest(bundle: Path) -> dict:
     except (OSError, ValueError) as err:
         raise BundleError(f"{path} is not readable JSON ({err}); re-export the bundle") from err
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:  # bool is no version
         raise BundleError(
             f"{path} has format version {version!r}; this vlmguard reads up to "
             f"{FORMAT_VERSION}: upgrade vlmguard or re-export the bundle"
