@@ -17,6 +17,7 @@ it takes the restored (pruned) positions from the unmuted restore branch, as the
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -70,6 +71,12 @@ class _TensorCache:
         value = torch.cat([past_value, value], dim=2)
         self.present[layer_idx] = (key, value)
         return key, value
+
+
+def cache_keyword(layer: torch.nn.Module) -> str:
+    """The decoder layer's KV-cache keyword: `cache` (newer transformers) or `past_key_values`."""
+    parameters = inspect.signature(layer.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def allowed_keys(
@@ -172,13 +179,14 @@ class GuardedDecoder(nn.Module):
         guard: AttentionGuard | None,
     ) -> torch.Tensor:
         """Run one family layer with our mask, cache and guard."""
-        return self.layers[index](
+        layer = self.layers[index]
+        return layer(
             hidden,
             attention_mask=allowed,
             position_embeddings=rope,
-            cache=cache,
             use_cache=cache is not None,
             attention_guard=guard,
+            **{cache_keyword(layer): cache},
         )
 
     def forward(

@@ -8,6 +8,8 @@ import torch
 from support import COMBO_IDS, COMBOS, base_feeds, make_prompt, neutral_guards
 from transformers import DynamicCache
 
+from vlmguard.export.guarded_decoder import cache_keyword
+
 TOL = 1e-4
 DECODE_STEPS = 3
 
@@ -43,8 +45,8 @@ def test_prefill_and_decode_match_transformers(tiny_setup, vision, text, batch, 
                 inputs_embeds=embeds,
                 attention_mask=mask,
                 position_ids=positions,
-                cache=cache,
                 use_cache=True,
+                **{cache_keyword(setup.model): cache},
             )
         valid_rows = mask[:, -seq:].numpy().astype(bool)
         logit_diff = np.abs(ours["logits"] - theirs.logits.numpy()).max(-1)
