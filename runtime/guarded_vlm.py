@@ -5,6 +5,12 @@ calibration when flagged -> prefill with the SafePTR and Oh taps -> Oh's refusal
 angle passes the threshold -> decode with the pruned keys kept masked. A guard stage that
 raises, yields a non-finite score, or is required by the policy but missing from the bundle
 ends in a refusal with the reason in the report, unless the policy opts into fail_open.
+
+The model stages a guarded request runs through (vision encoder, prefill, each decode step) are
+held to the same rule: an exception, a missing or misshapen output, or non-finite features or
+logits refuse the request (only the rows concerned, in a batch) and drop any tokens decoded so
+far. Under fail_open, or in a bundle without in-model guards, there is no unguarded answer to
+fall back to, so such a failure raises ModelRunError (one line) instead.
 """
 
 from __future__ import annotations
@@ -19,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmguard.errors import VlmguardError
+from vlmguard.errors import BundleError, VlmguardError
 
 from .engine import BundleEngine, DecoderState
-from .image_preprocess import ImageInput, preprocess_image
-from .policy import GuardPolicy
+from .image_preprocess import DEFAULT_MAX_IMAGE_PIXELS, ImageInput, preprocess_image
+from .policy import GuardPolicy, PolicyError
 from .prompting import EncodedPrompt, PromptBuilder
 from .report import GuardReport
 from .sampling import Sampling, pick_tokens
@@ -38,6 +44,10 @@ class ContextLengthError(VlmguardError):
 
 class GuardStageError(Exception):
     """A guard stage could not produce a usable result (raised inside the pipeline only)."""
+
+
+class ModelRunError(VlmguardError):
+    """A model stage failed where no refusal applies (fail_open, or a bundle without guards)."""
 
 
 @dataclass
@@ -74,6 +84,8 @@ class _Row:
 class GuardedVLM:
     """A guarded vision-language model loaded from a bundle."""
 
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # larger images are refused
+
     def __init__(self, engine: BundleEngine, policy: GuardPolicy) -> None:
         self.engine = engine
         self.policy = policy
@@ -86,6 +98,8 @@ class GuardedVLM:
             self.manifest["guards"].get("align", {}).get("default_gamma", [0.0] * layers)
         )
         gamma = default_gamma if policy.align_gamma is None else policy.align_gamma
+        if len(gamma) > layers:
+            raise PolicyError(f"align_gamma has {len(gamma)} values for a {layers}-layer model")
         self.align_gamma = np.zeros(layers, np.float32)
         self.align_gamma[: len(gamma)] = gamma
         self.context = self.manifest["model"]["max_position_embeddings"]
@@ -98,11 +112,15 @@ class GuardedVLM:
         providers: list[str] | str | None = None,
         provider_options: dict[str, dict] | None = None,
         policy: GuardPolicy | dict | str | Path | None = None,
+        integrity: str = "sha256",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> GuardedVLM:
         """Open a bundle on the best available providers (TensorRT -> CUDA -> CPU by default).
 
         Without a `policy`, the bundle's own policy.json (written by calibration) is used if it
-        has one, else the defaults (angles observed, SafePTR at K = 10%).
+        has one, else the defaults (angles observed, SafePTR at K = 10%). `integrity` is how
+        the bundle's files are checked before any graph runs: "sha256" (default) or "size".
+        Images over `max_image_pixels` pixels (None: no limit) are refused before decoding.
         """
         if policy is None:
             own = Path(bundle) / POLICY_FILE
@@ -111,7 +129,11 @@ class GuardedVLM:
             policy = GuardPolicy.from_dict(policy)
         elif not isinstance(policy, GuardPolicy):
             policy = GuardPolicy.load(policy)
-        return cls(BundleEngine(bundle, providers, provider_options), policy)
+        vlm = cls(BundleEngine(bundle, providers, provider_options, integrity=integrity), policy)
+        vlm.max_image_pixels = max_image_pixels
+        if vlm.detector is not None:
+            vlm.detector.max_pixels = max_image_pixels
+        return vlm
 
     # ----------------------------------------------------------------- public API
 
@@ -125,10 +147,16 @@ class GuardedVLM:
         top_p: float | None = None,
         seed: int | None = None,
         stop: list[str] | None = None,
+        ignore_eos: bool = False,
     ) -> Result:
-        """Answer one request; returns the text and its GuardReport."""
+        """Answer one request; returns the text and its GuardReport.
+
+        `ignore_eos` decodes exactly `max_new_tokens` (for benchmarks: fixed-length answers).
+        """
         sampling = Sampling(temperature, top_k, top_p, seed)
-        return self.generate_batch([(image, prompt)], max_new_tokens, sampling, stop)[0]
+        return self.generate_batch(
+            [(image, prompt)], max_new_tokens, sampling, stop, ignore_eos=ignore_eos
+        )[0]
 
     def generate_batch(
         self,
@@ -136,10 +164,12 @@ class GuardedVLM:
         max_new_tokens: int = 64,
         sampling: Sampling | None = None,
         stop: list[str] | None = None,
+        ignore_eos: bool = False,
     ) -> list[Result]:
         """Answer several requests together, left-padded into one batch."""
         rows = self._start(requests, max_new_tokens)
-        for _ in self._decode(rows, max_new_tokens, sampling or Sampling(), stop or []):
+        steps = self._decode(rows, max_new_tokens, sampling or Sampling(), stop or [], ignore_eos)
+        for _ in steps:
             pass
         return [self._result(row, stop) for row in rows]
 
@@ -166,9 +196,12 @@ class GuardedVLM:
                 raise TypeError(f"prompt must be a str, not {type(row.prompt).__name__}")
             if row.image is not None:
                 with row.report.timed("preprocess"):
-                    row.pixels = preprocess_image(row.image, self.processor_config)
-            self._encode(row)
-            self._check_context(row, max_new)
+                    row.pixels = preprocess_image(
+                        row.image, self.processor_config, self.max_image_pixels
+                    )
+            with row.report.timed("tokenize"):
+                self._encode(row)
+                self._check_context(row, max_new)
         for row in rows:
             row.report.providers = self.engine.used_providers
             self._required_guards(row)
@@ -224,8 +257,18 @@ class GuardedVLM:
         if self.policy.fail_open:
             row.report.decide(stage, "fail_open", f"{reason}; continuing unguarded (fail_open)")
             return
-        row.report.refuse(stage, reason)
-        row.text, row.done = REFUSAL_TEXT, True
+        _refuse(row, stage, reason)
+
+    def _model_failed(
+        self, rows: list[_Row], stage: str, reason: str, err: BaseException | None = None
+    ) -> None:
+        """A model stage failed for these rows: refuse them, or raise where none can refuse."""
+        if not rows:
+            return
+        if self.policy.fail_open or not self.defenses:
+            raise ModelRunError(f"{stage}: {reason}") from err
+        for row in rows:
+            _refuse(row, stage, reason)
 
     def _required_guards(self, row: _Row) -> None:
         """Refuse when the policy requires a guard this bundle does not carry."""
@@ -236,19 +279,25 @@ class GuardedVLM:
 
     def _load_detector(self) -> object:
         """The bundle's safety detector, in the variant that fits the providers."""
-        from vlmguard.guard_models.detector import SafetyDetector
+        from vlmguard.guard_models.detector import DetectorNotFoundError, SafetyDetector
 
         thresholds = dict(self.manifest["detector"].get("thresholds", {}))
         if self.policy.detector_threshold is not None:  # applies to the deciding method's score
             method = thresholds.get("method", "ot")
             for key in ("global", "ot") if method == "any" else (method,):
                 thresholds[key] = self.policy.detector_threshold
-        return SafetyDetector(
-            self.manifest["detector"],
-            self.engine.bundle,
-            self.engine.providers,
-            thresholds=thresholds,
-        )
+        try:
+            return SafetyDetector(
+                self.manifest["detector"],
+                self.engine.bundle,
+                self.engine.providers,
+                thresholds=thresholds,
+            )
+        except (DetectorNotFoundError, KeyError, TypeError, ValueError) as err:
+            raise BundleError(
+                f"{self.engine.bundle}'s safety detector cannot be loaded ({_first_line(err)}); "
+                "re-export the bundle"
+            ) from err
 
     def _detector_stage(self, row: _Row) -> None:
         """The safety detector's verdict; when unsafe, the safety prefix and calibration go on."""
@@ -261,17 +310,21 @@ class GuardedVLM:
         try:
             with row.report.timed("detector"):
                 detection = self.detector.detect(row.image)
+            scores = {
+                "detector_global": float(detection.score_global),
+                "detector_ot": float(detection.score_ot),
+            }
+            unsafe = bool(detection.unsafe)
+            top = detection.top_concepts[0]["name"] if detection.top_concepts else "?"
         except Exception as err:  # a detector that cannot judge must not wave the image through
             self._fail(row, "detector", f"the detector failed: {_first_line(err)}")
             return
-        scores = {"detector_global": detection.score_global, "detector_ot": detection.score_ot}
         if not all(math.isfinite(v) for v in scores.values()):
             self._fail(row, "detector", f"non-finite detector score {scores}")
             return
         row.report.scores |= scores
         row.report.guards_ran.append("detector")
-        top = detection.top_concepts[0]["name"] if detection.top_concepts else "?"
-        if detection.unsafe:
+        if unsafe:
             row.flagged = True
             self._encode(row)
             row.report.decide("detector", "flag", f"{detection.reason} (top concept: {top})")
@@ -285,49 +338,113 @@ class GuardedVLM:
             return
         if any(row.refusal_path for row in live):
             live = [row for row in live if row.refusal_path]  # the second pass redoes these only
+        started = time.perf_counter()
+        vision_before = [row.report.timings_ms.get("vision_encoder", 0.0) for row in live]
+        try:
+            self._prefill_rows(live)
+        finally:
+            elapsed = (time.perf_counter() - started) * 1e3
+            for row, before in zip(live, vision_before, strict=True):
+                vision = row.report.timings_ms.get("vision_encoder", 0.0) - before
+                row.report.timings_ms["prefill"] = (
+                    row.report.timings_ms.get("prefill", 0.0) + elapsed - vision
+                )
+
+    def _prefill_rows(self, live: list[_Row]) -> None:
+        """The prefill proper, over the rows `_prefill` chose."""
+        features = self._vision_stage(live)
+        live = [row for row in live if not row.done]  # rows whose image failed are refused
+        if not live:
+            return
         encoded = [row.encoded for row in live]
         ids, mask = self.prompts.pad_batch(encoded)
         offsets = [ids.shape[1] - len(e.input_ids) for e in encoded]
-        embeds = self.engine.embed(ids)
-        images = [i for i, row in enumerate(live) if row.image is not None]
-        if images:
-            with _timed_all(live, "vision_encoder"):
-                features = self.engine.image_features(
-                    np.concatenate([live[i].pixels for i in images])
-                )
-            for feature, i in zip(features, images, strict=True):
-                rows_at = np.asarray(encoded[i].image_rows) + offsets[i]
-                if len(rows_at) != len(feature):
-                    raise VlmguardError(
-                        f"the prompt has {len(rows_at)} image rows but the vision encoder gave "
-                        f"{len(feature)} features; the bundle's processor files are inconsistent"
-                    )
-                embeds[i, rows_at] = feature
         feeds = self._prefill_feeds(live, encoded, offsets, ids, mask)
         state = self.engine.empty_state(len(live))
         try:
-            with _timed_all(live, "prefill"):
-                outputs, state = self.engine.run_decoder(feeds | {"inputs_embeds": embeds}, state)
+            embeds = self.engine.embed(ids)
+            for i, row in enumerate(live):
+                if row.image is not None:
+                    embeds[i, np.asarray(encoded[i].image_rows) + offsets[i]] = features[id(row)]
+            outputs, state = self.engine.run_decoder(feeds | {"inputs_embeds": embeds}, state)
         except Exception as err:  # the guarded prefill is itself a guard stage: fail closed
-            if self.policy.fail_open or not self.defenses:
-                raise
-            for row in live:
-                self._fail(row, "prefill", f"the guarded prefill failed: {_first_line(err)}")
+            reason = f"the guarded prefill failed: {_first_line(err)}"
+            self._model_failed(live, "prefill", reason, err)
             return
         batch = _Batch(live, state, mask, feeds.get("align_prefix_mask"))
         for row in live:
             ran = [d for d in ("ptr", "align", "oh") if d in self.defenses]
             row.report.guards_ran += [d for d in ran if d not in row.report.guards_ran]
             row.batch = batch
-        for stage, check in (("ptr", self._ptr_stage), ("oh", self._oh_stage)):
+        width = ids.shape[1]
+        checks = (
+            ("ptr", lambda: self._ptr_stage(live, outputs, width)),
+            ("oh", lambda: self._oh_stage(live, outputs)),
+        )
+        for stage, check in checks:
             if stage in self.defenses:
                 try:
-                    check(live, outputs)
+                    check()
                 except Exception as err:  # a guard that cannot judge must not wave through
                     for row in live:
                         if not row.done:
                             self._fail(row, stage, f"the guard stage failed: {_first_line(err)}")
-        batch.last_logits = outputs["logits"][:, -1]
+        batch.last_logits = self._last_logits(batch, outputs, "prefill")
+
+    def _vision_stage(self, rows: list[_Row]) -> dict[int, np.ndarray]:
+        """Image features by id(row); rows whose features are unusable are refused."""
+        images = [row for row in rows if row.image is not None]
+        if not images:
+            return {}
+        embed_width = self.engine.decoder_inputs.get("inputs_embeds", {}).get("shape", [None])
+        want = (len(images), self.prompts.tokens_per_image, embed_width[-1])
+        try:
+            with _timed_all(rows, "vision_encoder"):
+                features = self.engine.image_features(np.concatenate([r.pixels for r in images]))
+            if not _floats_of_shape(features, want):
+                raise GuardStageError(f"it returned {_describe(features)}, not shape {want}")
+        except Exception as err:  # no image features, no answer about the image
+            reason = f"the vision encoder failed: {_first_line(err)}"
+            self._model_failed(images, "vision_encoder", reason, err)
+            return {}
+        finite = np.isfinite(features).all(axis=(1, 2))
+        bad = [row for row, ok in zip(images, finite, strict=True) if not ok]
+        self._model_failed(bad, "vision_encoder", "the vision encoder returned non-finite features")
+        return {id(r): f for r, f, ok in zip(images, features, finite, strict=True) if ok}
+
+    def _last_logits(self, batch: _Batch, outputs: dict[str, np.ndarray], stage: str) -> np.ndarray:
+        """The last position's logits [B, V]; the live rows whose logits are unusable are refused.
+
+        Non-finite logits would decode into garbage that looks like an answer, so they refuse.
+        """
+        live = [not row.done and row.batch is batch for row in batch.rows]
+        logits = outputs.get("logits")
+        specs = {s["name"]: s["shape"] for s in self.manifest["graphs"]["decoder"]["outputs"]}
+        want = (len(batch.rows), None, specs.get("logits", [None])[-1])
+        if not _floats_of_shape(logits, want) or logits.shape[1] == 0:
+            rows = [row for row, ok in zip(batch.rows, live, strict=True) if ok]
+            reason = f"the decoder returned no usable logits ({_describe(logits)})"
+            self._model_failed(rows, stage, reason)
+            return np.zeros((len(batch.rows), 1), np.float32)
+        last = logits[:, -1]
+        finite = np.isfinite(last).all(axis=-1)
+        if not finite.all():
+            bad = [r for r, ok, on in zip(batch.rows, finite, live, strict=True) if on and not ok]
+            self._model_failed(bad, stage, "the decoder returned non-finite logits")
+            last = np.where(finite[:, None], last, 0).astype(last.dtype)
+        return last
+
+    def _ptr_kept(self, batch: _Batch, before: np.ndarray, after: np.ndarray | None) -> None:
+        """Refuse the live rows when a decode step did not carry SafePTR's pruned-key mask on."""
+        width = before.shape[1]
+        if not (
+            isinstance(after, np.ndarray)
+            and after.shape == (before.shape[0], width + 1)
+            and np.array_equal(after[:, :width], before)
+        ):
+            for row in batch.rows:
+                if not row.done and row.batch is batch:
+                    self._fail(row, "ptr", "a decode step dropped SafePTR's pruned-key mask")
 
     def _prefill_feeds(
         self,
@@ -362,12 +479,19 @@ class GuardedVLM:
             feeds["ptr_k_fraction"] = np.array(self.policy.ptr_k_fraction, np.float32)
         return feeds
 
-    def _ptr_stage(self, rows: list[_Row], outputs: dict[str, np.ndarray]) -> None:
-        """Check SafePTR's pruned-token mask and report how many tokens it masked."""
+    def _ptr_stage(self, rows: list[_Row], outputs: dict[str, np.ndarray], width: int) -> None:
+        """Check SafePTR's pruned-token mask (0/1 per position) and report how many it masked."""
         pruned = outputs.get("ptr_pruned_mask")
+        usable = (
+            isinstance(pruned, np.ndarray)
+            and pruned.shape == (len(rows), width)
+            and (pruned.dtype == np.bool_ or np.issubdtype(pruned.dtype, np.integer))
+            and bool(np.isin(pruned, (0, 1)).all())
+        )
         for i, row in enumerate(rows):
-            if pruned is None or pruned.ndim != 2 or pruned.shape[0] != len(rows):
-                self._fail(row, "ptr", "the decoder returned no usable pruned-token mask")
+            if not usable:
+                reason = f"the decoder returned no usable pruned-token mask ({_describe(pruned)})"
+                self._fail(row, "ptr", reason)
                 continue
             row.report.pruned_tokens = int(pruned[i].sum())
             count = row.report.pruned_tokens
@@ -400,13 +524,18 @@ class GuardedVLM:
                 row.report.decide("oh", "pass", f"angle {angle:.3f} <= {threshold:.3f} degrees")
 
     def _decode(
-        self, rows: list[_Row], max_new: int, sampling: Sampling, stop: list[str]
+        self,
+        rows: list[_Row],
+        max_new: int,
+        sampling: Sampling,
+        stop: list[str],
+        ignore_eos: bool = False,
     ) -> Iterator[None]:
         """Decode every live row until EOS, a stop string or max_new tokens; yields per step."""
         rng = np.random.default_rng(sampling.seed)
         batches = {id(row.batch): row.batch for row in rows if row.batch is not None}
         for batch in batches.values():
-            yield from self._decode_batch(batch, max_new, sampling, stop, rng)
+            yield from self._decode_batch(batch, max_new, sampling, stop, rng, ignore_eos)
 
     def _decode_batch(
         self,
@@ -415,15 +544,17 @@ class GuardedVLM:
         sampling: Sampling,
         stop: list[str],
         rng: np.random.Generator,
+        ignore_eos: bool = False,
     ) -> Iterator[None]:
-        """The decode loop of one prefilled batch."""
+        """The decode loop of one prefilled batch; each step's time includes its token pick."""
         rows, size = batch.rows, len(batch.rows)
-        eos = set(self.prompts.eos_token_ids)
+        eos = set() if ignore_eos else set(self.prompts.eos_token_ids)
         pad = self.prompts.pad_token_id
         logits, state, mask, prefix = batch.last_logits, batch.state, batch.mask, batch.prefix
         position = _positions(mask)[:, -1:]
         guard_feeds = self._decode_guard_feeds(size)
         for step in range(max_new):
+            picked = time.perf_counter()
             tokens = pick_tokens(logits, sampling, rng)
             for i, row in enumerate(rows):
                 if row.done or row.batch is not batch:
@@ -432,23 +563,32 @@ class GuardedVLM:
                 row.tokens.append(int(tokens[i]))
                 if tokens[i] in eos or self._hit_stop(row, stop):
                     row.done = True
+            pick_ms = (time.perf_counter() - picked) * 1e3
             yield
             # rows taken over by a later prefill (Oh's refusal path) are decoded there
             if all(row.done or row.batch is not batch for row in rows) or step == max_new - 1:
+                for row in rows:  # the last pick belongs to the last step
+                    if row.report.decode_step_ms:
+                        row.report.decode_step_ms[-1] += pick_ms
                 break
-            started = time.perf_counter()
+            started = time.perf_counter() - pick_ms / 1e3
             mask = np.concatenate([mask, np.ones((size, 1), np.int64)], axis=1)
             position = position + 1
-            feeds = guard_feeds | {
-                "inputs_embeds": self.engine.embed(tokens[:, None]),
-                "attention_mask": mask,
-                "position_ids": position,
-            }
+            feeds = guard_feeds | {"attention_mask": mask, "position_ids": position}
             if prefix is not None:
                 prefix = np.concatenate([prefix, np.zeros((size, 1), np.int64)], axis=1)
                 feeds["align_prefix_mask"] = prefix
-            outputs, state = self.engine.run_decoder(feeds, state)
-            logits = outputs["logits"][:, -1]
+            before = state.pruned
+            try:
+                feeds["inputs_embeds"] = self.engine.embed(tokens[:, None])
+                outputs, state = self.engine.run_decoder(feeds, state)
+            except Exception as err:  # a guarded decode step that fails ends the answer
+                live = [row for row in rows if not row.done and row.batch is batch]
+                self._model_failed(live, "decode", f"a decode step failed: {_first_line(err)}", err)
+                break
+            if "ptr" in self.defenses and before is not None:
+                self._ptr_kept(batch, before, state.pruned)
+            logits = self._last_logits(batch, outputs, "decode")
             elapsed = (time.perf_counter() - started) * 1e3
             for row in rows:
                 row.report.decode_step_ms.append(elapsed)
@@ -528,6 +668,31 @@ class TokenStream:
                 yield full[len(shown) :]
                 shown = full
         self.result = self._vlm._result(row, self._stop)
+
+
+def _refuse(row: _Row, stage: str, reason: str) -> None:
+    """End a row in a refusal with the reason in its report; tokens decoded so far are dropped."""
+    row.report.refuse(stage, reason)
+    row.text, row.done, row.tokens = REFUSAL_TEXT, True, []
+
+
+def _floats_of_shape(value: object, want: tuple[int | None, ...]) -> bool:
+    """Whether a model output is a float array of the wanted shape (None: any size)."""
+    return (
+        isinstance(value, np.ndarray)
+        and np.issubdtype(value.dtype, np.floating)
+        and value.ndim == len(want)
+        and all(not isinstance(w, int) or w == d for w, d in zip(want, value.shape, strict=True))
+    )
+
+
+def _describe(value: object) -> str:
+    """A model output's shape and dtype, for a refusal reason."""
+    if value is None:
+        return "missing"
+    if isinstance(value, np.ndarray):
+        return f"shape {value.shape}, {value.dtype}"
+    return type(value).__name__
 
 
 def _first_line(err: BaseException) -> str:

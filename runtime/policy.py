@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -44,9 +45,9 @@ class GuardPolicy:
     def from_dict(cls, data: dict) -> GuardPolicy:
         """Build from a dict (a policy file's content), refusing unknown keys and bad values."""
         if not isinstance(data, dict):
-            raise PolicyError("a policy must be a JSON object")
+            raise PolicyError(f"a policy must be a JSON object, not {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(_shown(key, 30) for key in data if key not in known)
         if unknown:
             raise PolicyError(f"unknown policy key(s) {', '.join(unknown)}; known: {sorted(known)}")
         policy = cls(**data)
@@ -58,22 +59,56 @@ class GuardPolicy:
         """Read a policy JSON file."""
         try:
             data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RecursionError) as err:
             raise PolicyError(f"cannot read policy {path}: {err}") from err
         return cls.from_dict(data.get("policy", data) if isinstance(data, dict) else data)
 
     def validate(self) -> None:
-        """Refuse values no guard can act on."""
+        """Refuse values no guard can act on, and values of the wrong JSON type."""
         for name in ("oh_threshold", "detector_threshold"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
-                raise PolicyError(f"{name} must be a finite number or null, not {value!r}")
-        if not 0.0 <= float(self.ptr_k_fraction) <= 1.0:
-            raise PolicyError(f"ptr_k_fraction must be in [0, 1], not {self.ptr_k_fraction}")
+            if value is not None and not _finite_number(value):
+                raise PolicyError(f"{name} must be a finite number or null, not {_shown(value)}")
+        k = self.ptr_k_fraction
+        if not (_finite_number(k) and 0.0 <= k <= 1.0):
+            raise PolicyError(f"ptr_k_fraction must be a number in [0, 1], not {_shown(k)}")
+        gamma = self.align_gamma
+        if gamma is not None and not (
+            isinstance(gamma, list) and all(_finite_number(g) for g in gamma)
+        ):
+            raise PolicyError(
+                f"align_gamma must be a list of finite numbers or null, not {_shown(gamma)}"
+            )
+        if not (isinstance(self.require, list) and all(isinstance(g, str) for g in self.require)):
+            raise PolicyError(f"require must be a list of guard names, not {_shown(self.require)}")
         unknown = sorted(set(self.require) - {"oh", "ptr", "align", "detector"})
         if unknown:
-            raise PolicyError(f"cannot require unknown guard(s) {', '.join(unknown)}")
+            named = ", ".join(_shown(guard, 30) for guard in unknown)
+            raise PolicyError(
+                f"cannot require unknown guard(s) {named}; known: oh, ptr, align, detector"
+            )
+        if not isinstance(self.fail_open, bool):
+            raise PolicyError(f"fail_open must be true or false, not {_shown(self.fail_open)}")
+        for name in ("oh_safety_instruction", "oh_refusal_opening", "align_safety_prefix"):
+            if not isinstance(getattr(self, name), str):
+                raise PolicyError(f"{name} must be a string, not {_shown(getattr(self, name))}")
 
     def to_dict(self) -> dict:
         """The JSON form."""
         return asdict(self)
+
+
+def _finite_number(value: object) -> bool:
+    """Whether a value is a real, finite number (booleans are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float: no guard can use it
+        return False
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """A value's repr for an error message, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -8,7 +8,6 @@ import math
 import pytest
 from support import noise_image
 
-from vlmguard.export.exporter import export_bundle
 from vlmguard.manifest import read_manifest
 from vlmguard.runtime.guarded_vlm import REFUSAL_TEXT, GuardedVLM
 
@@ -16,10 +15,9 @@ LOW, HIGH = {"detector_threshold": -1e9}, {"detector_threshold": 1e9}
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_setup, tmp_path_factory):
+def bundle(detector_bundle):
     """The tiny clip-llama model exported with every guard and the default detector."""
-    out = tmp_path_factory.mktemp("with-detector") / "bundle"
-    return export_bundle(tiny_setup("clip", "llama").source, out, detector="default")
+    return detector_bundle
 
 
 def _actions(result) -> dict[str, str]:
