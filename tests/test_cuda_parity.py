@@ -67,6 +67,7 @@ def test_present_kv_stays_on_the_device(bundles):
     feeds["guard_positions"] = np.arange(4, dtype=np.int64)
     feeds["ptr_image_mask"] = np.zeros_like(ids)
     feeds["ptr_instruction_mask"] = np.zeros_like(ids)
+    feeds["align_prefix_mask"] = np.zeros_like(ids)
     _, state = vlm.engine.run_decoder(feeds, vlm.engine.empty_state(1))
     assert all(value.device_name().lower() == "cuda" for value in state.past.values())
 
@@ -79,8 +80,10 @@ def test_fp32_on_cuda_answers_like_the_cpu(bundles):
         got = gpu.generate(image, prompt, max_new_tokens=8)
         assert got.token_ids == want.token_ids
         assert got.report.pruned_tokens == want.report.pruned_tokens
+        # ORT's CUDA provider runs fp32 matmuls in TF32 by default; the angle (arccos of a
+        # cosine near 1) amplifies that: 0.009 degrees apart on an H200, same tokens
         assert got.report.scores["oh_angle"] == pytest.approx(
-            want.report.scores["oh_angle"], abs=1e-3
+            want.report.scores["oh_angle"], abs=0.05
         )
         for key in ("detector_global", "detector_ot"):  # fp16 detector on CUDA vs fp32 on CPU
             if key in want.report.scores:

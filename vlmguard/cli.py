@@ -212,6 +212,19 @@ def _print_report(report: object, console: object) -> None:
 @click.option(
     "--no-guard", is_flag=True, help="Explicit opt-out: every guard neutral, nothing refused."
 )
+@click.option(
+    "--integrity",
+    type=click.Choice(["sha256", "size"]),
+    default="sha256",
+    show_default=True,
+    help="How the bundle's files are checked before loading: full SHA-256, or sizes only.",
+)
+@click.option(
+    "--max-image-pixels",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Refuse larger images before decoding them (default 89,478,485; 0: no limit).",
+)
 def run_command(
     bundle: Path,
     image: Path | None,
@@ -226,6 +239,8 @@ def run_command(
     as_json: bool,
     stream: bool,
     no_guard: bool,
+    integrity: str,
+    max_image_pixels: int | None,
 ) -> None:
     """Answer one prompt (with an optional image) from BUNDLE, guarded."""
     import json
@@ -239,7 +254,8 @@ def run_command(
     if no_guard and policy_path:
         raise click.UsageError("--no-guard and --policy exclude each other")
     policy = GuardPolicy.neutral() if no_guard else policy_path
-    vlm = GuardedVLM.load(bundle, providers=providers, policy=policy)
+    limit = {} if max_image_pixels is None else {"max_image_pixels": max_image_pixels or None}
+    vlm = GuardedVLM.load(bundle, providers=providers, policy=policy, integrity=integrity, **limit)
     sampling = Sampling(temperature, top_k, top_p, seed)
     if stream and not as_json:
         pieces = vlm.stream(image, prompt, max_new_tokens, sampling)
@@ -255,6 +271,36 @@ def run_command(
     if not stream:
         click.echo(result.text)
     _print_report(result.report, Console(stderr=True))
+
+
+@main.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option(
+    "--integrity",
+    type=click.Choice(["sha256", "size"]),
+    default="sha256",
+    show_default=True,
+    help="sha256: hash every file (catches any changed byte); size: sizes only (fast; catches "
+    "missing and truncated files, not a same-size change).",
+)
+def verify_command(bundle: Path, integrity: str) -> None:
+    """Check BUNDLE's files against its guard_config.json, without loading any graph.
+
+    Refuses a missing, resized or (with sha256) changed file, a file the inventory does not
+    list, a link leading outside the bundle, and ONNX external data outside the bundle. Prints
+    OK and the SHA-256 of guard_config.json (pin it to pin the bundle), or the first problem
+    and exits non-zero.
+    """
+    from .integrity import verify_bundle
+    from .manifest import MANIFEST_NAME, sha256_file
+
+    result = verify_bundle(bundle, integrity)
+    click.echo(
+        f"OK {bundle}: {result.files} files, {result.bytes / 1e6:.1f} MB checked "
+        f"({result.mode}; external data of {result.graphs} ONNX graphs) in "
+        f"{result.seconds * 1e3:.0f} ms; guard_config.json sha256 "
+        f"{sha256_file(bundle / MANIFEST_NAME)}"
+    )
 
 
 DEMO_PROMPTS = [
@@ -333,13 +379,18 @@ def demo_command(workdir: Path | None, max_new_tokens: int) -> None:
 
 
 def _register_subpackage_commands() -> None:
-    """Add the detector's (`detector export`, `detect`) and calibration's commands."""
+    """Add the detector's (`detector export`, `detect`), calibration's and the bench command."""
+    from .bench_cli import bench_command
     from .calibration.cli import calibrate_command
+    from .calibration.eval_cli import eval_command, eval_data
     from .guard_models.cli import detect, detector
 
     main.add_command(detector)
     main.add_command(detect)
     main.add_command(calibrate_command)
+    main.add_command(eval_command)
+    main.add_command(eval_data)
+    main.add_command(bench_command)
 
 
 _register_subpackage_commands()
