@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from vlmguard.integrity import verify_bundle
+from vlmguard.manifest import read_manifest
 from vlmguard.runtime.image_preprocess import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageInput,
@@ -80,8 +82,9 @@ def find_detector_manifest(source: str | Path) -> tuple[dict[str, Any], Path]:
     standalone, bundle = root / "detector_config.json", root / "guard_config.json"
     if standalone.is_file():
         return json.loads(standalone.read_text()), root
-    if bundle.is_file():
-        config = json.loads(bundle.read_text())
+    if bundle.is_file():  # a bundle's files are checked against its inventory, as at load
+        config = read_manifest(root)
+        verify_bundle(root, manifest=config)
         if isinstance(config.get("detector"), dict):
             return config["detector"], root
         raise DetectorNotFoundError(

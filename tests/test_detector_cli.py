@@ -146,20 +146,29 @@ def test_run_time_half_never_imports_torch(exported) -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_detect_reads_a_bundle(exported, tmp_path) -> None:
-    """A bundle whose guard_config.json has a "detector" entry works like a detector dir."""
+def test_detect_reads_a_bundle(exported, detector_bundle, tmp_path) -> None:
+    """A bundle with a detector works like a detector dir, after its files are verified."""
     import shutil
 
-    bundle = tmp_path / "bundle"
-    shutil.copytree(exported / "det" / "onnx", bundle / "onnx")
-    manifest = json.loads((exported / "det" / "detector_config.json").read_text())
-    (bundle / "guard_config.json").write_text(json.dumps({"format": 1, "detector": manifest}))
-    result = CliRunner().invoke(detect, [str(bundle), str(exported / "a.png"), "--json"])
+    image = str(exported / "a.png")
+    result = CliRunner().invoke(detect, [str(detector_bundle), image, "--json"])
     assert result.exit_code == 0, result.output
-    direct = CliRunner().invoke(detect, [str(exported / "det"), str(exported / "a.png"), "--json"])
+    direct = CliRunner().invoke(detect, ["default", image, "--json"])
     assert json.loads(result.output)[0]["score_ot"] == json.loads(direct.output)[0]["score_ot"]
-    (bundle / "guard_config.json").write_text(json.dumps({"format": 1}))
-    result = CliRunner().invoke(detect, [str(bundle), str(exported / "a.png")])
+    bundle = tmp_path / "bundle"
+    shutil.copytree(detector_bundle, bundle)
+    graph = bundle / json.loads((bundle / "guard_config.json").read_text())["detector"]["files"][
+        "fp32"]  # fmt: skip
+    data = bytearray(graph.read_bytes())
+    data[-1] ^= 1
+    graph.write_bytes(bytes(data))
+    result = CliRunner().invoke(detect, [str(bundle), image])
+    assert result.exit_code == 1 and graph.name in result.output  # a changed byte is refused
+    graph.write_bytes(bytes(data[:-1] + bytes([data[-1] ^ 1])))  # restored
+    plain = json.loads((bundle / "guard_config.json").read_text())
+    del plain["detector"]
+    (bundle / "guard_config.json").write_text(json.dumps(plain))
+    result = CliRunner().invoke(detect, [str(bundle), image])
     assert result.exit_code == 1 and "without a safety detector" in result.output
 
 

@@ -142,21 +142,7 @@ def _decoder(phase: str, change: Callable[[dict], dict], at_step: int = 2) -> In
 
 def _decoder_raises(phase: str) -> Install:
     """Make the decoder raise at the prefill or at the second decode step."""
-
-    def install(vlm: GuardedVLM, monkeypatch: pytest.MonkeyPatch) -> None:
-        run = vlm.engine.run_decoder
-        steps = [0]
-
-        def faulty(feeds, state):
-            prefill = len(feeds["guard_positions"]) > 0
-            steps[0] += not prefill
-            if (phase == "prefill") == prefill and (prefill or steps[0] == 2):
-                _boom()
-            return run(feeds, state)
-
-        monkeypatch.setattr(vlm.engine, "run_decoder", faulty)
-
-    return install
+    return _decoder(phase, _boom)
 
 
 def _embedding(phase: str, change: Callable[[np.ndarray], np.ndarray]) -> Install:
