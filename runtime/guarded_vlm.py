@@ -103,6 +103,8 @@ class GuardedVLM:
         self.align_gamma = np.zeros(layers, np.float32)
         self.align_gamma[: len(gamma)] = gamma
         self.context = self.manifest["model"]["max_position_embeddings"]
+        outputs = {s["name"]: s["shape"] for s in self.manifest["graphs"]["decoder"]["outputs"]}
+        self.vocab_size = outputs.get("logits", [None])[-1]  # checked on every step's logits
         self.detector = self._load_detector() if "detector" in self.manifest else None
 
     @classmethod
@@ -419,8 +421,7 @@ class GuardedVLM:
         """
         live = [not row.done and row.batch is batch for row in batch.rows]
         logits = outputs.get("logits")
-        specs = {s["name"]: s["shape"] for s in self.manifest["graphs"]["decoder"]["outputs"]}
-        want = (len(batch.rows), None, specs.get("logits", [None])[-1])
+        want = (len(batch.rows), None, self.vocab_size)
         if not _floats_of_shape(logits, want) or logits.shape[1] == 0:
             rows = [row for row, ok in zip(batch.rows, live, strict=True) if ok]
             reason = f"the decoder returned no usable logits ({_describe(logits)})"
