@@ -334,6 +334,7 @@ def _demo_image(concept: str) -> object:
 def demo_command(workdir: Path | None, max_new_tokens: int) -> None:
     """Build (or reuse) the tiny model, export it guarded, and answer a few requests."""
     from rich.console import Console
+    from rich.markup import escape
 
     from vlmguard.errors import BundleError
 
@@ -365,7 +366,7 @@ def demo_command(workdir: Path | None, max_new_tokens: int) -> None:
     for kind, prompt in DEMO_PROMPTS:
         image = _demo_image(kind) if kind else None
         result = vlm.generate(image, prompt, max_new_tokens=max_new_tokens)
-        console.rule(f"[{kind + ' pictogram' if kind else 'no image'}] {prompt}")
+        console.rule(escape(f"[{kind + ' pictogram' if kind else 'no image'}] {prompt}"))
         console.print(
             f"answer: {result.text!r}" + ("  [red](refused)[/red]" if result.report.refused else "")
         )
