@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmguard.errors import VlmguardError
 
@@ -34,16 +34,6 @@ ImageInput = str | os.PathLike | bytes | bytearray | Image.Image | np.ndarray
 # Pillow's own default warning threshold (about 9459 x 9459): the same images a default Pillow
 # warns about are refused here unless the caller raises the limit.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
-_ORIENTATION_TAG = 0x0112
-_TRANSPOSES = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
@@ -166,11 +156,9 @@ def _open_image(
 def _upright(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation tag, as a viewer shows the image; broken EXIF is ignored."""
     try:
-        orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+        return ImageOps.exif_transpose(image)
     except Exception:  # malformed EXIF: the pixels are still fine, keep them as stored
         return image
-    method = _TRANSPOSES.get(orientation) if isinstance(orientation, int) else None
-    return image if method is None else image.transpose(method)
 
 
 def _pil_to_rgb(image: Image.Image) -> np.ndarray:

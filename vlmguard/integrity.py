@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BundleError
-from .manifest import _CHUNK, MANIFEST_NAME, read_manifest
+from .manifest import MANIFEST_NAME, read_manifest, sha256_file
 
 MODES = ("sha256", "size")
 DEFAULT_MODE = "sha256"
@@ -250,15 +250,11 @@ def _read(path: Path) -> bytes:
 
 
 def _sha256(path: Path) -> str:
-    """SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
+    """The manifest's SHA-256 of a file, with a one-line BundleError if it cannot be read."""
     try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
+        return sha256_file(path)
     except OSError as err:
         raise BundleError(f"{path} cannot be read ({err}); {_FIX}") from err
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------ ONNX external data
