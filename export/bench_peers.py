@@ -207,15 +207,11 @@ def torch_device_bandwidth(megabytes: int = 1024, repeats: int = 10) -> float | 
     """GPU memory bandwidth in bytes/s (device-to-device copy) through torch, if it sees a GPU."""
     import torch
 
+    from vlmguard.runtime.bench_env import copy_rate
+
     if not torch.cuda.is_available():
         return None
     source = torch.ones(megabytes * (1 << 20) // 4, device="cuda")
     target = torch.empty_like(source)
-    target.copy_(source)
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        target.copy_(source)
-    torch.cuda.synchronize()
-    return 2 * source.numel() * 4 * repeats / (time.perf_counter() - started)
-
+    nbytes = source.numel() * source.element_size()
+    return copy_rate(lambda: target.copy_(source), torch.cuda.synchronize, nbytes, repeats)

@@ -18,6 +18,7 @@ from PIL import Image
 from vlmguard.errors import VlmguardError
 
 from .guarded_vlm import GuardedVLM
+from .image_preprocess import preprocess_image
 from .policy import GuardPolicy
 
 # The request path's stages, in order; "decode" is every step after the first token.
@@ -109,6 +110,12 @@ def measure(
     return samples
 
 
+def time_requests(vlm: GuardedVLM, settings: BenchSettings) -> dict:
+    """Summary of the benchmark request (its prompt and image) run through `vlm`."""
+    prompt = bench_prompt(vlm, settings.prompt_tokens)
+    return summarize(measure(vlm, bench_image(settings.image_size), prompt, settings))
+
+
 def summarize(samples: list[dict]) -> dict:
     """Percentiles per stage, end to end and TTFT; decode tokens/s; how well stages add up."""
     stages = {
@@ -155,8 +162,6 @@ def detector_variants(vlm: GuardedVLM, image: Image.Image, settings: BenchSettin
             out[variant] = {"error": str(err).splitlines()[0]}
             continue
         if pixels is None:
-            from .image_preprocess import preprocess_image
-
             pixels = preprocess_image(image, detector.preprocessor)
         times = []
         for run in range(settings.warmup + settings.runs):
@@ -181,11 +186,10 @@ def bench_bundle(
     neutral = GuardedVLM(vlm.engine, GuardPolicy.neutral())  # same sessions, guards neutral
     neutral.detector = None  # and no detector: the request path as if unguarded
     prompt = bench_prompt(vlm, settings.prompt_tokens)
-    image = bench_image(settings.image_size)
     on_step("timing the policy's guards")
-    guarded = summarize(measure(vlm, image, prompt, settings))
+    guarded = time_requests(vlm, settings)
     on_step("timing the same bundle with every guard neutral")
-    plain = summarize(measure(neutral, image, prompt, settings))
+    plain = time_requests(neutral, settings)
     on_step("timing the detector variants")
     return {
         "bundle": str(bundle),
@@ -196,5 +200,5 @@ def bench_bundle(
         "guarded": guarded,
         "neutral": plain,
         "guard_ratio": ratios(guarded, plain),
-        "detector_variants": detector_variants(vlm, image, settings),
+        "detector_variants": detector_variants(vlm, bench_image(settings.image_size), settings),
     }

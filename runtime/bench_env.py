@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,19 @@ def host_copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
     return 2 * source.nbytes / best
 
 
+def copy_rate(
+    copy: Callable[[], object], sync: Callable[[], object], nbytes: int, repeats: int
+) -> float:
+    """Bytes/s of a repeated device copy of `nbytes` (read plus written), after a warm-up copy."""
+    copy()
+    sync()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        copy()
+    sync()
+    return 2 * nbytes * repeats / (time.perf_counter() - started)
+
+
 def device_copy_bandwidth(megabytes: int = 1024, repeats: int = 10) -> float | None:
     """GPU memory bandwidth in bytes/s (device-to-device copy) through CuPy, if installed."""
     try:
@@ -130,13 +144,9 @@ def device_copy_bandwidth(megabytes: int = 1024, repeats: int = 10) -> float | N
         return None
     source = cupy.ones(megabytes * (1 << 20) // 4, cupy.float32)
     target = cupy.empty_like(source)
-    cupy.copyto(target, source)
-    cupy.cuda.Device().synchronize()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        cupy.copyto(target, source)
-    cupy.cuda.Device().synchronize()
-    return 2 * source.nbytes * repeats / (time.perf_counter() - started)
+    return copy_rate(
+        lambda: cupy.copyto(target, source), cupy.cuda.Device().synchronize, source.nbytes, repeats
+    )
 
 
 def decoder_weight_bytes(manifest: dict) -> int:

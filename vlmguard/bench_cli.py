@@ -57,8 +57,7 @@ def run_bench(
     on_step: object = lambda step: None,
 ) -> dict:
     """Measure one bundle (and its baseline and peers) and return the JSON record."""
-    from vlmguard.runtime.bench import bench_bundle, bench_image, bench_prompt, measure, ratios
-    from vlmguard.runtime.bench import summarize as summarize_runs
+    from vlmguard.runtime.bench import bench_bundle, ratios, time_requests
     from vlmguard.runtime.bench_env import device_memory_mib, environment, peak_host_mib, roofline
     from vlmguard.runtime.guarded_vlm import GuardedVLM
     from vlmguard.runtime.policy import GuardPolicy
@@ -80,10 +79,7 @@ def run_bench(
     if baseline is not None:
         on_step(f"timing the unguarded baseline {baseline}")
         plain_vlm = GuardedVLM.load(baseline, providers=providers, policy=GuardPolicy.neutral())
-        prompt = bench_prompt(plain_vlm, settings.prompt_tokens)
-        plain = summarize_runs(
-            measure(plain_vlm, bench_image(settings.image_size), prompt, settings)
-        )
+        plain = time_requests(plain_vlm, settings)
         record["baseline"] = {"bundle": str(baseline), **plain}
         record["graph_ratio"] = ratios(result["neutral"], plain)
         record["guarded_over_baseline"] = ratios(guarded, plain)
@@ -146,6 +142,11 @@ def _peers(
     return peers
 
 
+def _figures(run: dict, name: str) -> dict | None:
+    """A run's percentiles for a stage, or for `ttft` / `end_to_end` (None if it has none)."""
+    return run["stages"].get(name) or run.get(name)
+
+
 def print_bench(record: dict, console: object) -> None:
     """The human summary: stage table, ratios, peers, roofline."""
     from rich.table import Table
@@ -160,13 +161,13 @@ def print_bench(record: dict, console: object) -> None:
         table.add_column("guarded / unguarded", justify="right")
     names = [*record["guarded"]["stages"], "ttft", "end_to_end"]
     for name in names:
-        figures = record["guarded"]["stages"].get(name) or record["guarded"][name]
-        neutral = record["neutral"]["stages"].get(name) or record["neutral"].get(name)
+        figures = _figures(record["guarded"], name)
+        neutral = _figures(record["neutral"], name)
         ratio = record["guard_ratio"].get(name)
         row = [name, *(f"{figures[p]:.2f}" for p in ("p50", "p90", "p99"))]
         row += [f"{neutral['p50']:.2f}" if neutral else "-", f"{ratio:.3f}" if ratio else "-"]
         if has_base:
-            base = record["baseline"]["stages"].get(name) or record["baseline"].get(name)
+            base = _figures(record["baseline"], name)
             over = record["guarded_over_baseline"].get(name)
             row += [f"{base['p50']:.2f}" if base else "-", f"{over:.3f}" if over else "-"]
         table.add_row(*row)
@@ -219,7 +220,7 @@ def plot_bench(record: dict, out: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(runs)
     for i, (name, run) in enumerate(runs.items()):
-        values = [(run["stages"].get(s) or run.get(s) or {"p50": 0})["p50"] for s in stages]
+        values = [(_figures(run, s) or {"p50": 0})["p50"] for s in stages]
         left.barh([y + i * width for y in range(len(stages))], values, width, label=name)
     left.set_yticks([y + width for y in range(len(stages))], stages)
     left.set_xscale("log")
