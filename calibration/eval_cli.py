@@ -63,8 +63,13 @@ def _print_metrics(metrics: dict) -> None:
     help="Write the metrics and every sample's outcome to this JSON file.",
 )
 @click.option("--max-new-tokens", default=128, show_default=True, type=int)
-@click.option("--limit", default=None, type=int, help="Evaluate only the first N samples.")
-@click.option("--batch-size", default=1, show_default=True, type=int, help="Requests per batch.")
+@click.option(
+    "--limit", default=None, type=click.IntRange(min=1), help="Evaluate only the first N samples."
+)
+@click.option(
+    "--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
+    help="Requests per batch.",
+)
 @click.option(
     "--refusal-phrases",
     default=None,
@@ -113,8 +118,6 @@ def eval_command(
 
     if no_guard and policy_path:
         raise click.UsageError("--no-guard and --policy exclude each other")
-    if limit is not None and limit < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--limit")
     samples = read_jsonl(data)[:limit]  # bad data fails before the bundle loads
     matcher = (
         RefusalMatcher.from_file(refusal_phrases, ignore_case)
@@ -158,9 +161,13 @@ def _convert_options(command: Callable) -> Callable:
         click.option(
             "--out", required=True, type=click.Path(path_type=Path), help="JSONL file to write."
         ),
-        click.option("--limit", default=None, type=int, help="Keep at most N samples in all."),
         click.option(
-            "--per-category", default=None, type=int, help="Keep at most N samples per category."
+            "--limit", type=click.IntRange(min=1), help="Keep at most N samples in all."
+        ),
+        click.option(
+            "--per-category",
+            type=click.IntRange(min=1),
+            help="Keep at most N samples per category.",
         ),
     ]
     for option in reversed(options):
@@ -170,14 +177,12 @@ def _convert_options(command: Callable) -> Callable:
 
 def _write(samples: list, out: Path, limit: int | None, per_category: int | None) -> None:
     """Apply the limits, write the JSONL and say what was written."""
+    from .data import LABELS
     from .datasets.common import limit_samples, write_jsonl
 
-    for name, value in (("--limit", limit), ("--per-category", per_category)):
-        if value is not None and value < 1:
-            raise click.BadParameter("must be at least 1", param_hint=name)
     kept = limit_samples(samples, limit, per_category)
     write_jsonl(kept, out)
-    labels = {label: sum(s.label == label for s in kept) for label in ("unsafe", "safe")}
+    labels = {label: sum(s.label == label for s in kept) for label in LABELS}
     categories = len({s.category for s in kept})
     click.echo(
         f"wrote {out}: {len(kept)} samples ({labels['unsafe']} unsafe, {labels['safe']} safe) "
