@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from vlmguard.export.families import FamilySpec
-from vlmguard.export.guard_settings import GuardSettings
+from vlmguard.guards import GuardSettings
 
 from .prompts import Batch, Encoded, batches
 from .ptr_window import make_decoder

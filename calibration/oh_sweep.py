@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vlmguard.export.guarded_attention import AttentionGuard
-from vlmguard.export.guarded_decoder import GuardedDecoder, allowed_keys, deflection_degrees
+from vlmguard.export.guards.attention import AttentionGuard
+from vlmguard.export.guards.decoder import GuardedDecoder, allowed_keys
+from vlmguard.export.guards.oh import deflection_degrees
 
 from .prompts import Batch
 from .thresholds import kde_crossing

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vlmguard.errors import BundleError
-from vlmguard.export.exporter import ptr_reference
+from vlmguard.export.guards.ptr import ptr_reference
 from vlmguard.export.families import family_for
 from vlmguard.export.graphs import decoder_plan
-from vlmguard.export.guard_settings import GuardSettings, settings_record
+from vlmguard.guards import GuardSettings, settings_record
 from vlmguard.export.onnx_io import convert_to_fp16, export_onnx
 from vlmguard.export.source import load_source, resolve_source
 from vlmguard.manifest import read_manifest, write_manifest

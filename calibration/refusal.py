@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vlmguard.export.guarded_decoder import GuardedDecoder
+from vlmguard.export.guards.decoder import GuardedDecoder
 
 from .prompts import Batch
 

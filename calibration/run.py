@@ -12,7 +12,7 @@ import torch
 
 from vlmguard import __version__
 from vlmguard.export.families import family_for
-from vlmguard.export.guard_settings import DEFAULT_PTR_K_FRACTION, GuardSettings
+from vlmguard.guards import DEFAULT_PTR_K_FRACTION, GuardSettings
 from vlmguard.export.source import load_source, resolve_source
 from vlmguard.runtime.policy import ALIGN_SAFETY_PREFIX, GuardPolicy
 

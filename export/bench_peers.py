@@ -81,9 +81,13 @@ def torch_peer(
 
     path = resolve_source(str(source))
     processor = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager"
-    ).eval().to(device)
+    model = (
+        AutoModelForImageTextToText.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="eager"
+        )
+        .eval()
+        .to(device)
+    )
     conversation = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
     ]

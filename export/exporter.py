@@ -1,4 +1,10 @@
-"""`export_bundle`: a Hugging Face checkpoint in, a guarded ONNX bundle out (DESIGN.md)."""
+"""`export_bundle`: a Hugging Face checkpoint in, a guarded ONNX bundle out.
+
+The shared machinery for every family: the family (`export/families/`) says how to take the
+model apart, the guard descriptions (`vlmguard/guards.py`) what the decoder carries; this module
+stages the graphs, the processing files and guard_config.json in a directory beside the output
+and renames it into place at the end, so a failed export leaves nothing half-written.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +14,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from vlmguard import __version__
 from vlmguard.errors import OutputExistsError
+from vlmguard.guards import GuardSettings, TensorSpec, resolve_settings, settings_record
 from vlmguard.manifest import write_manifest
 
-from .families import FamilySpec, family_for
+from .families import family_for
 from .graphs import GraphPlan, decoder_plan, embed_plan, vision_plan
-from .guard_settings import (
-    PTR_REFERENCE_TEXT,
-    GuardSettings,
-    resolve_settings,
-    settings_record,
-)
-from .onnx_io import TensorSpec, convert_to_fp16, export_onnx
+from .guards.ptr import ptr_reference
+from .onnx_io import convert_to_fp16, export_onnx
 from .source import copy_processing_files, load_source, resolve_source
 
 GRAPH_FILES = {  # fp32 names; fp16 bundles use the transformers.js suffix, e.g. *_fp16.onnx
@@ -40,18 +40,6 @@ def _check_output(out: Path, force: bool) -> None:
         raise OutputExistsError(f"{out} is not empty; pass --force to replace it")
 
 
-def ptr_reference(
-    spec: FamilySpec, model: torch.nn.Module, tokenizer: object, layer: int
-) -> torch.Tensor:
-    """SafePTR's R: the residual stream entering `layer` at the safety instruction's last token."""
-    ids = torch.tensor([tokenizer(PTR_REFERENCE_TEXT)["input_ids"]])
-    language_model = spec.resolve(model, spec.language_model)
-    with torch.no_grad():
-        embeds = spec.resolve(model, spec.embed_tokens)(ids)
-        states = language_model(inputs_embeds=embeds, output_hidden_states=True).hidden_states
-    return states[layer][0, -1].float()
-
-
 def _graph_record(plan: GraphPlan, file: str, float_type: str) -> dict:
     """A graph's entry in guard_config.json, with float tensors in the bundle's precision."""
 
@@ -65,31 +53,6 @@ def _graph_record(plan: GraphPlan, file: str, float_type: str) -> dict:
         "file": file,
         "inputs": [record(spec) for spec in plan.inputs],
         "outputs": [record(spec) for spec in plan.outputs],
-    }
-
-
-def _model_record(spec: FamilySpec, config: object) -> dict:
-    """Shapes and token layout the runtime needs without loading transformers."""
-    text = config.text_config
-    heads = text.num_attention_heads
-    return {
-        "family": spec.name,
-        "vision_model_type": config.vision_config.model_type,
-        "text_model_type": text.model_type,
-        "num_layers": text.num_hidden_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": text.num_key_value_heads,
-        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads,
-        "hidden_size": text.hidden_size,
-        "vocab_size": text.vocab_size,
-        "max_position_embeddings": text.max_position_embeddings,
-        "sliding_window": getattr(text, "sliding_window", None),
-        "image": {
-            "token": spec.image_token,
-            "token_id": getattr(config, spec.image_token_field),
-            "tokens_per_image": spec.num_image_tokens(config),
-            "image_size": config.vision_config.image_size,
-        },
     }
 
 
@@ -165,7 +128,7 @@ def export_bundle(
                 "created_unix": int(time.time()),
                 "source": str(source),
                 "dtype": float_type,
-                "model": _model_record(spec, config),
+                "model": spec.model_record(config),
                 "special_tokens": special_tokens,
                 "graphs": graphs,
                 "guards": settings_record(settings, text.num_hidden_layers),

@@ -7,10 +7,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vlmguard.guards import (
+    BATCH,
+    GUARD_POSITIONS,
+    PAST,
+    SEQUENCE,
+    TOTAL,
+    GuardSettings,
+    TensorSpec,
+    decoder_guard_inputs,
+    decoder_guard_outputs,
+)
+
 from .families import FamilySpec
-from .guard_settings import GuardSettings
-from .guarded_decoder import GuardedDecoder, guard_input_names, guard_output_names
-from .onnx_io import TensorSpec
+from .guards.decoder import GuardedDecoder
 
 # Tracing sizes: all different and above 1, so torch.export keeps every axis symbolic.
 TRACE_BATCH, TRACE_SEQ, TRACE_PAST, TRACE_POSITIONS, TRACE_IMAGES = 2, 7, 3, 5, 2
@@ -27,21 +37,16 @@ class GraphPlan:
 
 
 class VisionEncoder(nn.Module):
-    """pixel_values -> image_features: the tower's selected layer through the projector."""
+    """The family's vision inputs -> image_features (projected to the language model's width)."""
 
     def __init__(self, spec: FamilySpec, model: nn.Module) -> None:
         super().__init__()
-        self.config = model.config
-        self.tower = spec.resolve(model, spec.vision_tower)
-        self.projector = spec.resolve(model, spec.projector)
+        self.spec = spec
+        self.model = model
 
-    def flat_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Project the chosen hidden layer, dropping CLS under the 'default' strategy."""
-        states = self.tower(pixel_values, output_hidden_states=True).hidden_states
-        selected = states[self.config.vision_feature_layer]
-        if self.config.vision_feature_select_strategy == "default":
-            selected = selected[:, 1:]
-        return self.projector(selected)
+    def flat_forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The family's vision forward."""
+        return self.spec.vision_features(self.model, *inputs)
 
 
 class EmbedTokens(nn.Module):
@@ -74,14 +79,13 @@ class FlatDecoder(nn.Module):
 
 def vision_plan(spec: FamilySpec, model: nn.Module) -> GraphPlan:
     """Plan the vision encoder graph."""
-    vision = model.config.vision_config
-    size, hidden = vision.image_size, model.config.text_config.hidden_size
+    hidden = model.config.text_config.hidden_size
     tokens = spec.num_image_tokens(model.config)
     return GraphPlan(
         VisionEncoder(spec, model),
-        [TensorSpec("pixel_values", ("num_images", 3, size, size), "float32")],
+        spec.vision_inputs(model.config),
         [TensorSpec("image_features", ("num_images", tokens, hidden), "float32")],
-        [torch.randn(TRACE_IMAGES, 3, size, size)],
+        spec.vision_example(model.config, TRACE_IMAGES),
     )
 
 
@@ -90,8 +94,8 @@ def embed_plan(spec: FamilySpec, model: nn.Module) -> GraphPlan:
     hidden = model.config.text_config.hidden_size
     return GraphPlan(
         EmbedTokens(spec, model),
-        [TensorSpec("input_ids", ("batch_size", "sequence_length"), "int64")],
-        [TensorSpec("inputs_embeds", ("batch_size", "sequence_length", hidden), "float32")],
+        [TensorSpec("input_ids", (BATCH, SEQUENCE), "int64")],
+        [TensorSpec("inputs_embeds", (BATCH, SEQUENCE, hidden), "float32")],
         [torch.randint(0, 10, (TRACE_BATCH, TRACE_SEQ))],
     )
 
@@ -107,7 +111,7 @@ def decoder_io(text_config: object, settings: GuardSettings) -> tuple[list, list
     """Input and output specs of the guarded decoder."""
     layers, hidden = text_config.num_hidden_layers, text_config.hidden_size
     kv_heads, head_dim = kv_shape(text_config)
-    b, s, p, t = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+    b, s, p, t = BATCH, SEQUENCE, PAST, TOTAL
     inputs = [
         TensorSpec("inputs_embeds", (b, s, hidden), "float32"),
         TensorSpec("attention_mask", (b, t), "int64"),
@@ -120,30 +124,19 @@ def decoder_io(text_config: object, settings: GuardSettings) -> tuple[list, list
                 TensorSpec(f"past_key_values.{i}.{kind}", (b, kv_heads, p, head_dim), "float32")
             )
             outputs.append(TensorSpec(f"present.{i}.{kind}", (b, kv_heads, t, head_dim), "float32"))
-    guard_specs = {
-        "guard_positions": TensorSpec("guard_positions", ("guard_positions_length",), "int64"),
-        "align_gamma": TensorSpec("align_gamma", (layers,), "float32"),
-        "align_prefix_mask": TensorSpec("align_prefix_mask", (b, t), "int64"),
-        "ptr_image_mask": TensorSpec("ptr_image_mask", (b, s), "int64"),
-        "ptr_instruction_mask": TensorSpec("ptr_instruction_mask", (b, s), "int64"),
-        "ptr_k_fraction": TensorSpec("ptr_k_fraction", (), "float32"),
-        "ptr_past_pruned_mask": TensorSpec("ptr_past_pruned_mask", (b, p), "int64"),
-        "ptr_pruned_mask": TensorSpec("ptr_pruned_mask", (b, t), "int64"),
-        "oh_angle": TensorSpec("oh_angle", (b,), "float32"),
-    }
-    inputs += [guard_specs[name] for name in guard_input_names(settings)]
-    outputs += [guard_specs[name] for name in guard_output_names(settings)]
+    inputs += decoder_guard_inputs(settings, layers)
+    outputs += decoder_guard_outputs(settings)
     return inputs, outputs
 
 
 def decoder_example(inputs: list[TensorSpec]) -> list[torch.Tensor]:
     """Tracing inputs: a left-padded batch with a past, so no axis or mask is specialised away."""
     sizes = {
-        "batch_size": TRACE_BATCH,
-        "sequence_length": TRACE_SEQ,
-        "past_sequence_length": TRACE_PAST,
-        "total_sequence_length": TRACE_PAST + TRACE_SEQ,
-        "guard_positions_length": TRACE_POSITIONS,
+        BATCH: TRACE_BATCH,
+        SEQUENCE: TRACE_SEQ,
+        PAST: TRACE_PAST,
+        TOTAL: TRACE_PAST + TRACE_SEQ,
+        GUARD_POSITIONS.dims[0]: TRACE_POSITIONS,
     }
     example = []
     for spec in inputs:
@@ -153,7 +146,7 @@ def decoder_example(inputs: list[TensorSpec]) -> list[torch.Tensor]:
             tensor[0, : TRACE_PAST + 2] = 0  # left padding in the first row
         elif spec.name == "position_ids":
             tensor = torch.arange(TRACE_SEQ).expand(TRACE_BATCH, -1) + TRACE_PAST
-        elif spec.name == "guard_positions":
+        elif spec.name == GUARD_POSITIONS.name:
             tensor = torch.arange(TRACE_POSITIONS)
         elif spec.dtype == "int64":
             tensor = torch.randint(0, 2, shape)
@@ -170,9 +163,6 @@ def decoder_plan(
     text_config = model.config.text_config
     decoder = GuardedDecoder(spec, model, settings, ptr_reference)
     inputs, outputs = decoder_io(text_config, settings)
-    return GraphPlan(
-        FlatDecoder(decoder, text_config.num_hidden_layers),
-        inputs,
-        outputs,
-        decoder_example(inputs),
-    )
+    example = decoder_example(inputs)
+    decoder.check_guards_reach_attention(example)  # never export a silently unguarded graph
+    return GraphPlan(FlatDecoder(decoder, text_config.num_hidden_layers), inputs, outputs, example)

@@ -7,28 +7,16 @@ import io
 import logging
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import torch
 from torch.export import Dim
 
+from vlmguard.guards import TensorSpec
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 EXTERNAL_DATA_THRESHOLD = 1024  # bytes: every weight tensor above this goes to <file>_data
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output: name, dims (str = dynamic axis name, int = fixed), dtype."""
-
-    name: str
-    dims: tuple[str | int, ...]
-    dtype: str
-
-    def record(self) -> dict:
-        """The JSON form written to guard_config.json."""
-        return {"name": self.name, "shape": list(self.dims), "dtype": self.dtype}
 
 
 def _dynamic_shapes(specs: list[TensorSpec]) -> list[dict[int, object]]:

@@ -28,7 +28,7 @@ from vlmguard.calibration.ptr_window import make_decoder
 from vlmguard.calibration.thresholds import kde_crossing, rates, threshold_at_fpr
 from vlmguard.export.exporter import export_bundle
 from vlmguard.export.families import LLAVA
-from vlmguard.export.guard_settings import GuardSettings
+from vlmguard.guards import GuardSettings
 from vlmguard.export.tiny_model import build_tiny_llava
 from vlmguard.manifest import read_manifest, sha256_file
 from vlmguard.runtime.guarded_vlm import GuardedVLM

@@ -8,7 +8,7 @@ import torch
 from support import COMBO_IDS, COMBOS, base_feeds, make_prompt, neutral_guards
 from transformers import DynamicCache
 
-from vlmguard.export.guarded_decoder import cache_keyword
+from vlmguard.export.guards.decoder import cache_keyword
 
 TOL = 1e-4
 DECODE_STEPS = 3

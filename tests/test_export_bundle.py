@@ -18,7 +18,7 @@ from vlmguard.cli import main
 from vlmguard.errors import OutputExistsError, SourceError, UnsupportedModelError
 from vlmguard.export.exporter import export_bundle
 from vlmguard.export.graphs import decoder_io
-from vlmguard.export.guard_settings import GuardSettings, clip_window, parse_defenses
+from vlmguard.guards import GuardSettings, clip_window, parse_defenses
 from vlmguard.manifest import read_manifest, sha256_file
 
 

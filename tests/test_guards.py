@@ -19,10 +19,10 @@ from support import (
 )
 from transformers import AttentionInterface
 
-from vlmguard.export.exporter import ptr_reference
+from vlmguard.export.guards.ptr import ptr_reference
 from vlmguard.export.families import LLAVA
-from vlmguard.export.guard_settings import PTR_REFERENCE_TEXT, GuardSettings
-from vlmguard.export.guarded_decoder import GuardedDecoder
+from vlmguard.guards import PTR_REFERENCE_TEXT, GuardSettings
+from vlmguard.export.guards.decoder import GuardedDecoder
 
 TOL = 1e-4
 ALIGN_LAYER, ALIGN_GAMMA = 1, 0.8

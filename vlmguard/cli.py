@@ -109,7 +109,7 @@ def export_command(
     from rich.console import Console
 
     from .export.exporter import export_bundle
-    from .export.guard_settings import parse_defenses
+    from .guards import parse_defenses
 
     chosen = parse_defenses(defenses)
     window = _parse_window(ptr_window)

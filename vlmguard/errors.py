@@ -29,6 +29,10 @@ class BundleError(VlmguardError):
     """A bundle is missing files, tampered with, or of an unsupported format version."""
 
 
+class UsageError(VlmguardError, ValueError):
+    """An argument or setting has a value no command can act on."""
+
+
 USER_ERRORS = (VlmguardError, ValueError, FileExistsError, FileNotFoundError)
 
 

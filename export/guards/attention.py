@@ -2,18 +2,24 @@
 
 Registered with transformers' `AttentionInterface` under `GUARDED_ATTENTION`; the decoder
 passes an `AttentionGuard` per layer call through the layers' `**kwargs`. Eager math on
-purpose: the guards need the attention logits, which fused SDPA never exposes.
+purpose: the guards need the attention logits, which fused SDPA never exposes. Inside
+`recording()` every guard that reaches the function is noted, so the exporter can prove each
+one arrived (a family whose layers drop the keyword must fail the export, not export unguarded).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
 
+from vlmguard.guards import OH_MUTE_SCALE
+
 GUARDED_ATTENTION = "vlmguard_guarded"
-OH_MUTE_SCALE = 1e-5  # Oh Defense scales the head's query slice, it does not zero it [code]
+_reached: list[AttentionGuard] | None = None  # guards seen inside `recording()`
 
 
 @dataclass
@@ -81,10 +87,23 @@ def guarded_attention(
         attention_mask = torch.ones(
             query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device
         )[None, None]
+    if _reached is not None and attention_guard is not None:
+        _reached.append(attention_guard)
     logits = guarded_logits(query, key, scaling, attention_mask, attention_guard)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return output, probs
+
+
+@contextmanager
+def recording() -> Iterator[list[AttentionGuard]]:
+    """Collect every guard that reaches the attention function while the block runs."""
+    global _reached
+    _reached = []
+    try:
+        yield _reached
+    finally:
+        _reached = None
 
 
 AttentionInterface.register(GUARDED_ATTENTION, guarded_attention)
