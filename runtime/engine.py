@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from vlmguard.errors import BundleError
+from vlmguard.guards import FEEDBACK
 from vlmguard.integrity import DEFAULT_MODE, verify_bundle
 from vlmguard.manifest import read_manifest
 
@@ -25,10 +26,14 @@ NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 @dataclass
 class DecoderState:
-    """What one decode step hands the next: past KV (as bound values) and the pruned-key mask."""
+    """What one decode step hands the next: past KV (as bound values) and the guards' feedback.
+
+    `carried` holds each guard output that the next step takes back as an input, under that
+    input's name (SafePTR: `ptr_pruned_mask` -> `ptr_past_pruned_mask`; vlmguard/guards.py).
+    """
 
     past: dict[str, object] = field(default_factory=dict)
-    pruned: np.ndarray | None = None
+    carried: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class BundleEngine:
@@ -79,10 +84,13 @@ class BundleEngine:
         """Whether the decoder graph takes this (guard) input."""
         return name in self.decoder_inputs
 
-    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
-        """Vision encoder: pixel values [N, 3, H, W] -> projected features [N, T, hidden]."""
-        pixels = pixel_values.astype(self.float_type, copy=False)
-        return self.sessions["vision_encoder"].run(None, {"pixel_values": pixels})[0]
+    def image_features(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Vision encoder: the family's vision inputs -> projected features [N, T, hidden]."""
+        feeds = {
+            name: value.astype(self.float_type, copy=False) if value.dtype.kind == "f" else value
+            for name, value in feeds.items()
+        }
+        return self.sessions["vision_encoder"].run(None, feeds)[0]
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         """Token embeddings [B, S, hidden]."""
@@ -95,8 +103,9 @@ class BundleEngine:
             if name.startswith("past_key_values."):
                 _, heads, _, dim = spec["shape"]
                 state.past[name] = np.zeros((batch, heads, 0, dim), NUMPY_DTYPES[spec["dtype"]])
-        if self.has_input("ptr_past_pruned_mask"):
-            state.pruned = np.zeros((batch, 0), np.int64)
+        for name in FEEDBACK.values():
+            if self.has_input(name):
+                state.carried[name] = np.zeros((batch, 0), np.int64)
         return state
 
     def run_decoder(
@@ -115,8 +124,8 @@ class BundleEngine:
                 binding.bind_cpu_input(name, value)
             else:
                 binding.bind_ortvalue_input(name, value)
-        if state.pruned is not None:
-            binding.bind_cpu_input("ptr_past_pruned_mask", state.pruned)
+        for name, value in state.carried.items():
+            binding.bind_cpu_input(name, value)
         for name in self.decoder_outputs:
             binding.bind_output(name, self.device if name.startswith("present.") else "cpu")
         session.run_with_iobinding(binding)
@@ -129,6 +138,5 @@ class BundleEngine:
             }
         )
         host = {n: v.numpy() for n, v in values.items() if not n.startswith("present.")}
-        if "ptr_pruned_mask" in host:
-            next_state.pruned = host["ptr_pruned_mask"]
+        next_state.carried = {FEEDBACK[n]: host[n] for n in FEEDBACK if n in host}
         return host, next_state

@@ -1,13 +1,14 @@
 """The runtime's text side: chat template, tokenization, image-token expansion and padding.
 
-`PromptBuilder` reproduces what a transformers LLaVA processor does with a one-turn chat
+`PromptBuilder` reproduces what a transformers processor does with a one-turn chat
 (`processor.apply_chat_template(conversation, add_generation_prompt=True)` and then
 `processor(text=..., images=...)`) from a bundle's files alone: the Jinja chat template is
 rendered with jinja2 in the same sandbox settings transformers uses, the text is tokenized by
 `tokenizers` from the bundle's tokenizer.json (its post-processor adds the BOS, unless the
 rendered text already starts with it, as `apply_chat_template(tokenize=True)` decides), and each
-image token becomes `tokens_per_image` copies. It also reports which rows hold the image, the
-user's instruction and the safety prefix, which the guards need. No torch, no transformers.
+image token becomes what the family's `expand_image` says (LLaVA: `tokens_per_image` copies).
+It also reports which rows hold the image, the user's instruction and the safety prefix, which
+the guards need. No torch, no transformers.
 
 The user's text is data, never structure: a prompt that spells a special token (`<image>`,
 `</s>`, `<|im_start|>`, ...) is tokenized as the plain text it is, so only the template places
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -206,8 +208,13 @@ class PromptBuilder:
         chat_template: str,
         tokenizer_config: dict,
         manifest: dict,
+        expand_image: Callable[[], tuple[list[int], list[bool]]] | None = None,
     ) -> None:
-        """Wrap a loaded tokenizer and template; `from_bundle` is the usual way in."""
+        """Wrap a loaded tokenizer and template; `from_bundle` is the usual way in.
+
+        `expand_image` is the family's rule for what one image placeholder becomes (ids, and
+        which of them are image rows); by default `tokens_per_image` copies of the token.
+        """
         try:
             image = manifest["model"]["image"]
             special = manifest["special_tokens"]
@@ -237,6 +244,9 @@ class PromptBuilder:
                 f"{self.image_token_id}: re-export the bundle with `vlmguard export`"
             )
         self.tokenizer = tokenizer
+        self.expand_image = expand_image or (
+            lambda: ([self.image_token_id] * self.tokens_per_image, [True] * self.tokens_per_image)
+        )
         # Tokens the user's text must never spell: every special added token and the image
         # token, by id with their text (an <unk> the model gives an unknown character is fine).
         decoder = tokenizer.get_added_tokens_decoder()
@@ -260,7 +270,12 @@ class PromptBuilder:
         self.clean_up_spaces = bool(tokenizer_config.get("clean_up_tokenization_spaces", False))
 
     @classmethod
-    def from_bundle(cls, bundle: Path, manifest: dict) -> PromptBuilder:
+    def from_bundle(
+        cls,
+        bundle: Path,
+        manifest: dict,
+        expand_image: Callable[[], tuple[list[int], list[bool]]] | None = None,
+    ) -> PromptBuilder:
         """Load tokenizer.json, tokenizer_config.json and chat_template.jinja from a bundle."""
         bundle = Path(bundle)
         tokenizer_path = _required_file(bundle, TOKENIZER_FILE)
@@ -275,7 +290,7 @@ class PromptBuilder:
                 f"{TOKENIZER_CONFIG_FILE} ({err}); re-export the bundle with `vlmguard export`"
             ) from err
         try:
-            return cls(tokenizer, template, config, manifest)
+            return cls(tokenizer, template, config, manifest, expand_image)
         except jinja2.TemplateSyntaxError as err:
             raise BundleError(
                 f"{bundle / CHAT_TEMPLATE_FILE} is not a valid Jinja template (line {err.lineno}: "
@@ -463,22 +478,24 @@ class PromptBuilder:
         image_rows: list[int] = []
         instruction_rows: list[int] = []
         prefix_rows: list[int] = []
+        images = 0
         for index, token_id in enumerate(token_ids):
-            if token_id == self.image_token_id:  # the processor repeats "<image>" in the text
-                image_rows.extend(range(len(ids), len(ids) + self.tokens_per_image))
-                ids.extend([token_id] * self.tokens_per_image)
+            if token_id == self.image_token_id:  # the family's expansion of one image
+                expanded, rows = self.expand_image()
+                image_rows.extend(len(ids) + i for i, row in enumerate(rows) if row)
+                ids.extend(expanded)
+                images += 1
                 continue
             if index in instruction:
                 instruction_rows.append(len(ids))
             if index in prefix:
                 prefix_rows.append(len(ids))
             ids.append(token_id)
-        expected = self.tokens_per_image if with_image else 0
-        if len(image_rows) != expected:
+        if images != int(with_image):
             raise BundleError(
-                f"the chat template placed {len(image_rows) // max(self.tokens_per_image, 1)} "
-                f"image tokens for with_image={with_image}; re-export the bundle with a template "
-                "that renders one image item as one image token"
+                f"the chat template placed {images} image tokens for with_image={with_image}; "
+                "re-export the bundle with a template that renders one image item as one image "
+                "token"
             )
         return EncodedPrompt(ids, image_rows, instruction_rows, prefix_rows)
 

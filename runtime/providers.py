@@ -86,7 +86,11 @@ def engine_cache_dir(bundle_sha: str, device: str = "gpu0") -> Path:
 
 
 def trt_profiles(graph: dict, context: int, max_batch: int = 4) -> dict[str, str]:
-    """TensorRT's explicit min/opt/max shape profiles for one graph's dynamic inputs."""
+    """TensorRT's explicit min/opt/max shape profiles for one graph's dynamic inputs.
+
+    The decoder's axes are known here; a family's own axes (tiles, patches) come with the
+    graph's record in guard_config.json as `"axes": {name: [min, opt, max]}`.
+    """
     ranges = {  # axis name -> (min, opt, max)
         "batch_size": (1, 1, max_batch),
         "num_images": (1, 1, max_batch),
@@ -94,11 +98,17 @@ def trt_profiles(graph: dict, context: int, max_batch: int = 4) -> dict[str, str
         "past_sequence_length": (0, context // 2, context),
         "total_sequence_length": (1, context // 2, context),
         "guard_positions_length": (0, 0, context),
-    }
+    } | {name: tuple(bounds) for name, bounds in graph.get("axes", {}).items()}
     shapes: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
     for spec in graph["inputs"]:
         if not any(isinstance(d, str) for d in spec["shape"]):
             continue
+        unknown = [d for d in spec["shape"] if isinstance(d, str) and d not in ranges]
+        if unknown:
+            raise BundleError(
+                f"{graph['file']}: input {spec['name']} has axis {unknown[0]!r} with no TensorRT "
+                "range; re-export the bundle (its graph record must list the axis under 'axes')"
+            )
         for which, index in (("min", 0), ("opt", 1), ("max", 2)):
             dims = [str(ranges[d][index]) if isinstance(d, str) else str(d) for d in spec["shape"]]
             shapes[which].append(f"{spec['name']}:{'x'.join(dims) or '1'}")

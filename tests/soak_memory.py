@@ -66,7 +66,9 @@ def send(vlm: object, index: int, pictures: list, max_new: int) -> None:
     if way == 0:
         vlm.generate(image, prompt, max_new_tokens=max_new)
     elif way == 1:
-        vlm.generate(image, prompt, max_new, temperature=0.9, top_k=40, seed=index)
+        from vlmguard.runtime.sampling import Sampling
+
+        vlm.generate(image, prompt, max_new, Sampling(0.9, 40, seed=index))
     elif way == 2:
         stream = vlm.stream(image, prompt, max_new_tokens=max_new)
         "".join(stream)

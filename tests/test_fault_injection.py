@@ -165,11 +165,11 @@ def _embedding(phase: str, change: Callable[[np.ndarray], np.ndarray]) -> Instal
     return install
 
 
-def _stage_raises(method: str) -> Install:
+def _stage_raises(guard: str) -> Install:
     """Make a guard stage's own check raise."""
 
     def install(vlm: GuardedVLM, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(vlm, method, _boom)
+        monkeypatch.setattr(vlm.stages[guard], "after_prefill", _boom)
 
     return install
 
@@ -181,7 +181,8 @@ def _pruned_mask_dropped_at_decode(vlm: GuardedVLM, monkeypatch: pytest.MonkeyPa
     def faulty(feeds, state):
         outputs, state = run(feeds, state)
         if not len(feeds["guard_positions"]):
-            state = dataclasses.replace(state, pruned=np.zeros_like(state.pruned))
+            mask = state.carried["ptr_past_pruned_mask"]
+            state = dataclasses.replace(state, carried={"ptr_past_pruned_mask": 0 * mask})
         return outputs, state
 
     monkeypatch.setattr(vlm.engine, "run_decoder", faulty)
@@ -255,7 +256,7 @@ REQUEST_FAULTS = [
     ("vision_encoder", "missing output", _vision_session_without_output, "index out of range"),
     ("vision_encoder", "wrong dtype", _vision(lambda f: f.astype(np.int64)), "int64"),
     *_logit_faults("prefill"),
-    ("ptr", "exception", _stage_raises("_ptr_stage"), "injected fault"),
+    ("ptr", "exception", _stage_raises("ptr"), "injected fault"),
     (
         "ptr",
         "nan",
@@ -293,7 +294,7 @@ REQUEST_FAULTS = [
         "no usable pruned-token mask",
     ),
     ("ptr", "mask dropped at decode", _pruned_mask_dropped_at_decode, "pruned-key mask"),
-    ("oh", "exception", _stage_raises("_oh_stage"), "injected fault"),
+    ("oh", "exception", _stage_raises("oh"), "injected fault"),
     ("oh", "nan", _decoder("prefill", _with("oh_angle", _nan)), "not finite"),
     ("oh", "inf", _decoder("prefill", _with("oh_angle", _inf)), "not finite"),
     (
@@ -425,7 +426,9 @@ def test_in_a_batch_only_the_broken_row_is_refused(closed, monkeypatch):
     monkeypatch.setattr(  # the first image's features turn to NaN, the second's stay
         closed.engine,
         "image_features",
-        lambda p: np.where(np.arange(len(p))[:, None, None] == 0, np.nan, features(p)),
+        lambda feeds: np.where(
+            np.arange(len(feeds["pixel_values"]))[:, None, None] == 0, np.nan, features(feeds)
+        ),
     )
     broken, fine = closed.generate_batch(requests, max_new_tokens=MAX_NEW)
     assert broken.report.refused and broken.report.refusal_reason.startswith("vision_encoder")

@@ -18,6 +18,7 @@ from support import noise_image
 
 from vlmguard.runtime.guarded_vlm import GuardedVLM, Result
 from vlmguard.runtime.policy import GuardPolicy
+from vlmguard.runtime.sampling import Sampling
 
 THREADS, PER_THREAD, MAX_NEW = 8, 50, 3
 PROMPTS = [
@@ -72,7 +73,7 @@ def _send(vlm: GuardedVLM, request: Request) -> tuple:
         return (_outcome(vlm.generate(image, request.prompt, max_new_tokens=MAX_NEW)),)
     if request.mode == "sampled":
         sampled = vlm.generate(
-            image, request.prompt, MAX_NEW, temperature=0.9, top_k=40, seed=request.index
+            image, request.prompt, MAX_NEW, Sampling(0.9, 40, seed=request.index)
         )
         return (_outcome(sampled),)
     if request.mode == "stream":

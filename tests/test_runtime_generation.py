@@ -85,7 +85,7 @@ def test_sampling_with_a_seed_is_reproducible(tiny_setup):
 
     def sample(seed: int) -> list[int]:
         return vlm.generate(
-            image, PROMPTS[1], max_new_tokens=20, temperature=1.5, top_k=50, top_p=0.95, seed=seed
+            image, PROMPTS[1], max_new_tokens=20, sampling=Sampling(1.5, 50, 0.95, seed)
         ).token_ids
 
     assert sample(7) == sample(7)

@@ -94,6 +94,7 @@ class GuardSpec:
     policy_fields: tuple[str, ...]
     record: Callable[[GuardSettings, int], dict]  # settings, num_layers -> manifest record
     side_branch: bool = False
+    feedback: tuple[tuple[str, str], ...] = ()  # (output, next step's input) carried per step
 
 
 def default_align_gamma(num_layers: int) -> list[float]:
@@ -140,6 +141,7 @@ PTR = GuardSpec(
         "decode": "pruned keys stay masked in the window layers while decoding (ours)",
     },
     side_branch=True,
+    feedback=(("ptr_pruned_mask", "ptr_past_pruned_mask"),),
 )
 
 OH = GuardSpec(
@@ -163,6 +165,9 @@ OH = GuardSpec(
 DECODER_GUARDS: dict[str, GuardSpec] = {g.name: g for g in (OH, PTR, ALIGN)}
 DETECTOR = "detector"  # the safety detector: its own graph, described by its own record
 GUARD_NAMES = (*DECODER_GUARDS, DETECTOR)
+
+
+FEEDBACK = {out: into for guard in DECODER_GUARDS.values() for out, into in guard.feedback}
 
 
 def decoder_guard_inputs(settings: GuardSettings, num_layers: int) -> list[TensorSpec]:
