@@ -77,7 +77,7 @@ def vit_b32_detector(out_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Print a latency table for the default detector and a ViT-B/32-shaped CLIP."""
-    from .sources import default_detector_dir
+    from vlmguard.runtime.detector import default_detector_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)

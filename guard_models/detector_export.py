@@ -19,11 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmguard.runtime.detector_variants import FP16, FP32, VARIANT_FILES
+
 from .concepts import ConceptBank, load_concept_bank
 from .ot_head import DetectorHead, OTParams
+from .quantize import parse_quantize
 from .sources import resolve_detector_source
 from .towers import Tower, load_tower
-from .variants import FP16, FP32, VARIANT_FILES, parse_quantize
 
 __all__ = [
     "DetectorGraph",

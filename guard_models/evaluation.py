@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from vlmguard.runtime.detector import SafetyDetector
 from vlmguard.runtime.image_preprocess import preprocess_image
 
-from .detector import SafetyDetector
 from .synthetic import Scene, sample_scene
 
 __all__ = [

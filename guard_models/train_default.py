@@ -14,7 +14,7 @@ the OT head needs.
 
 Data streams: training, validation (thresholds) and test (the report) draw scenes from
 three different seeds; the script never trains on validation or test scenes. Outputs in
-guard_models/data/default_detector/: checkpoint/, concepts.json, thresholds.json,
+runtime/data/default_detector/: checkpoint/, concepts.json, thresholds.json,
 detector_config.json + onnx/ (fp32, int8, qdq, fp16) and evaluation.json. Offline half (torch).
 """
 
@@ -192,8 +192,9 @@ def save_checkpoint(model: Any, tokenizer: Any, processor: Any, out: Path) -> Pa
 
 def main(argv: list[str] | None = None) -> None:
     """Reproduce the default detector: train, save, export, calibrate, evaluate."""
+    from vlmguard.runtime.detector import default_detector_dir
+
     from .detector_export import export_detector, write_detector_dir
-    from .sources import default_detector_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2400)

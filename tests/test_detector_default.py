@@ -10,11 +10,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from vlmguard.guard_models.cli import detect
-from vlmguard.guard_models.detector import SafetyDetector
 from vlmguard.guard_models.evaluation import IMAGE_SIZE, make_split
-from vlmguard.guard_models.sources import default_detector_dir, resolve_detector_source
+from vlmguard.guard_models.sources import resolve_detector_source
 from vlmguard.guard_models.synthetic import make_scene, sample_scene
-from vlmguard.guard_models.variants import pick_variant
+from vlmguard.runtime.detector import SafetyDetector, default_detector_dir
+from vlmguard.runtime.detector_variants import pick_variant
 from vlmguard.runtime.image_preprocess import preprocess_image
 
 ROOT = default_detector_dir()

@@ -15,7 +15,6 @@ from vlmguard.guard_models.concepts import (  # noqa: E402
     ConceptFileNotFoundError,
     load_concept_bank,
 )
-from vlmguard.guard_models.detector import DetectorNotFoundError, SafetyDetector  # noqa: E402
 from vlmguard.guard_models.detector_export import (  # noqa: E402
     export_detector,
     write_detector_dir,
@@ -25,6 +24,11 @@ from vlmguard.guard_models.tiny import save_tiny_checkpoint, words_of  # noqa: E
 from vlmguard.guard_models.towers import (  # noqa: E402
     CheckpointNotFoundError,
     UnsupportedCheckpointError,
+)
+from vlmguard.runtime.detector import (  # noqa: E402
+    DetectorNotFoundError,
+    SafetyDetector,
+    default_detector_dir,
 )
 from vlmguard.runtime.image_preprocess import ImageInputError  # noqa: E402
 
@@ -233,8 +237,6 @@ def test_not_a_detector_directory(tmp_path) -> None:
 
 def test_default_detector_matches_reference(tmp_path) -> None:
     """The trained default detector's graph matches the PyTorch reference too."""
-    from vlmguard.guard_models.sources import default_detector_dir
-
     root = default_detector_dir()
     bank = json.loads((root / "concepts.json").read_text())
     manifest = export_detector("default", tmp_path, quantize="none", params=PARAMS)

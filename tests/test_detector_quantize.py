@@ -8,18 +8,15 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
-from vlmguard.guard_models.detector import SafetyDetector  # noqa: E402
 from vlmguard.guard_models.detector_export import (  # noqa: E402
     export_detector,
     write_detector_dir,
 )
+from vlmguard.guard_models.quantize import UnknownQuantizeModeError, parse_quantize  # noqa: E402
 from vlmguard.guard_models.synthetic import calibration_scenes  # noqa: E402
 from vlmguard.guard_models.tiny import save_tiny_checkpoint, words_of  # noqa: E402
-from vlmguard.guard_models.variants import (  # noqa: E402
-    UnknownQuantizeModeError,
-    parse_quantize,
-    pick_variant,
-)
+from vlmguard.runtime.detector import SafetyDetector  # noqa: E402
+from vlmguard.runtime.detector_variants import pick_variant  # noqa: E402
 from vlmguard.runtime.image_preprocess import preprocess_image  # noqa: E402
 
 torch.set_num_threads(1)
