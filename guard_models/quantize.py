@@ -58,7 +58,7 @@ def parse_quantize(quantize: str | Sequence[str]) -> list[str]:
             modes.append(mode)
     return modes
 
-HEAD_SCOPE = "/head/"  # TorchScript export names nodes by module scope
+HEAD_SCOPE = "/head/"  # export_onnx(scope_node_names=True) names nodes by module scope
 TOWER_OPS = ["MatMul", "Gemm", "Conv"]
 
 

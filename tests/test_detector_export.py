@@ -252,3 +252,18 @@ def test_default_detector_matches_reference(tmp_path) -> None:
         np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=0, err_msg=name)
     for name in ("det_patch_ot_scores", "det_score_ot"):
         np.testing.assert_allclose(got[name], want[name], atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_the_detector_uses_the_one_export_path(exported) -> None:
+    """Every variant comes from export_onnx (dynamo): one self-contained file, scoped names."""
+    import onnx
+
+    _, _, manifest, out = exported
+    assert manifest["exporter"]["exporter"] == "dynamo"
+    for name in manifest["files"].values():
+        assert not (out / f"{name}_data").exists(), "detector weights stay inline"
+        model = onnx.load(str(out / name))
+        scopes = {node.name.split("/")[1] for node in model.graph.node if "/" in node.name}
+        assert scopes >= {"head", "tower"}
+        compute = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Einsum")]
+        assert all("/" in node.name for node in compute), "the quantizer tells head from tower"
