@@ -165,9 +165,7 @@ def export_detector(
         else:
             from .quantize import quantize_variant
 
-            quantize_variant(
-                variant, fp32_path, target, tower.processor_config, calibration_images
-            )
+            quantize_variant(variant, fp32_path, target, tower.processor_config, calibration_images)
         files[variant] = VARIANT_FILES[variant]
     thresholds = dict(resolved.thresholds or DEFAULT_THRESHOLDS)
     return {

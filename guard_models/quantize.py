@@ -58,6 +58,7 @@ def parse_quantize(quantize: str | Sequence[str]) -> list[str]:
             modes.append(mode)
     return modes
 
+
 HEAD_SCOPE = "/head/"  # export_onnx(scope_node_names=True) names nodes by module scope
 TOWER_OPS = ["MatMul", "Gemm", "Conv"]
 
@@ -93,8 +94,12 @@ def _quantize_int8(source: Path, target: Path, exclude: list[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
-        source, target, weight_type=QuantType.QInt8, op_types_to_quantize=TOWER_OPS,
-        nodes_to_exclude=exclude, per_channel=False,
+        source,
+        target,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=TOWER_OPS,
+        nodes_to_exclude=exclude,
+        per_channel=False,
     )
 
 
@@ -112,10 +117,15 @@ def _quantize_qdq(
     if not images:
         raise NoCalibrationImagesError("QDQ quantization needs at least one calibration image.")
     quantize_static(
-        source, target, _ImageReader(images, processor_config),
-        quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8, op_types_to_quantize=TOWER_OPS,
-        nodes_to_exclude=exclude, per_channel=True,
+        source,
+        target,
+        _ImageReader(images, processor_config),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=TOWER_OPS,
+        nodes_to_exclude=exclude,
+        per_channel=True,
         calibrate_method=CalibrationMethod.MinMax,
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         calibration_providers=["CPUExecutionProvider"],

@@ -111,9 +111,7 @@ def save_tiny_checkpoint(
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(words, max_length=32)
     torch.manual_seed(seed)
-    model = AutoModel.from_config(
-        _config(family, len(tokenizer), image_size, patch_size, width)
-    )
+    model = AutoModel.from_config(_config(family, len(tokenizer), image_size, patch_size, width))
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     if family == "clip":

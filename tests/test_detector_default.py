@@ -28,12 +28,20 @@ def _batch(detector: SafetyDetector, scenes) -> dict[str, np.ndarray]:
 
 def test_default_files_are_present_and_small() -> None:
     """Checkpoint, bank, thresholds, graphs and report ship, in at most 20 MB."""
-    for name in ("checkpoint/config.json", "checkpoint/model.safetensors",
-                 "checkpoint/tokenizer.json", "checkpoint/preprocessor_config.json",
-                 "concepts.json", "thresholds.json", "detector_config.json",
-                 "onnx/safety_detector.onnx", "onnx/safety_detector_int8.onnx",
-                 "onnx/safety_detector_qdq.onnx", "onnx/safety_detector_fp16.onnx",
-                 "evaluation.json"):
+    for name in (
+        "checkpoint/config.json",
+        "checkpoint/model.safetensors",
+        "checkpoint/tokenizer.json",
+        "checkpoint/preprocessor_config.json",
+        "concepts.json",
+        "thresholds.json",
+        "detector_config.json",
+        "onnx/safety_detector.onnx",
+        "onnx/safety_detector_int8.onnx",
+        "onnx/safety_detector_qdq.onnx",
+        "onnx/safety_detector_fp16.onnx",
+        "evaluation.json",
+    ):
         assert (ROOT / name).is_file(), name
     total = sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file())
     assert total <= 20 * 1024 * 1024, total

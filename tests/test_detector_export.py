@@ -85,8 +85,9 @@ def _reference(
             if family == "clip":
                 enc = tokenizer(category["variants"], padding=True, return_tensors="pt")
             else:
-                enc = tokenizer(category["variants"], padding="max_length", max_length=32,
-                                return_tensors="pt")
+                enc = tokenizer(
+                    category["variants"], padding="max_length", max_length=32, return_tensors="pt"
+                )
                 enc = {"input_ids": enc["input_ids"]}
             texts.append(model.get_text_features(**enc).pooler_output.double())
         scale = model.logit_scale.exp().double()
@@ -179,8 +180,10 @@ def test_bad_image_gives_clear_error(exported, tmp_path) -> None:
     "data,message",
     [
         ({"categories": [{"name": "a", "variants": []}]}, "is empty"),
-        ({"categories": [{"name": "a", "variants": ["x"]}, {"name": "A", "variants": ["y"]}]},
-         "duplicate category 'A'"),
+        (
+            {"categories": [{"name": "a", "variants": ["x"]}, {"name": "A", "variants": ["y"]}]},
+            "duplicate category 'A'",
+        ),
         ({"categories": [{"name": "a", "variants": ["x", "x "]}]}, "repeats the variant"),
         ({"categories": []}, "non-empty 'categories'"),
         ({"categories": [{"variants": ["x"]}]}, "non-empty string 'name'"),
@@ -206,8 +209,14 @@ def test_default_bank_covers_eta_and_mm_safetybench() -> None:
     """The packaged bank has ETA's seven categories and MM-SafetyBench's 13 scenarios."""
     bank = load_concept_bank()
     sources = " ".join(s for c in bank.categories for s in c.sources)
-    for eta in ("ETA: porn", "ETA: violent", "ETA: politic", "ETA: physical harmful",
-                "ETA: illegal", "ETA: privacy"):
+    for eta in (
+        "ETA: porn",
+        "ETA: violent",
+        "ETA: politic",
+        "ETA: physical harmful",
+        "ETA: illegal",
+        "ETA: privacy",
+    ):
         assert eta in sources
     assert "unsafe" in bank.names
     for scenario in range(1, 14):
@@ -222,8 +231,11 @@ def test_missing_or_wrong_checkpoints_are_rejected(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointNotFoundError, match="config.json"):
         export_detector(str(tmp_path / "empty"), tmp_path / "out", quantize="none")
-    bert = transformers.BertModel(transformers.BertConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    bert = transformers.BertModel(
+        transformers.BertConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+    )
     bert.save_pretrained(tmp_path / "bert")
     with pytest.raises(UnsupportedCheckpointError, match="'bert' checkpoint"):
         export_detector(str(tmp_path / "bert"), tmp_path / "out", quantize="none")

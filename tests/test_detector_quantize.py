@@ -60,10 +60,14 @@ def test_variant_runs_and_stays_close_to_fp32(detector_dir, variant: str) -> Non
 
 def test_variant_graphs_have_the_promised_form(detector_dir) -> None:
     """int8 is MatMulInteger, qdq is symmetric S8S8, fp16 has half weights; head stays fp32."""
-    graphs = {v: onnx.load(str(detector_dir / "onnx" / name))
-              for v, name in [("int8", "safety_detector_int8.onnx"),
-                              ("qdq", "safety_detector_qdq.onnx"),
-                              ("fp16", "safety_detector_fp16.onnx")]}
+    graphs = {
+        v: onnx.load(str(detector_dir / "onnx" / name))
+        for v, name in [
+            ("int8", "safety_detector_int8.onnx"),
+            ("qdq", "safety_detector_qdq.onnx"),
+            ("fp16", "safety_detector_fp16.onnx"),
+        ]
+    }
     int8_ops = {node.op_type for node in graphs["int8"].graph.node}
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= int8_ops
     for graph in graphs.values():
