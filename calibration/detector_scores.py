@@ -14,7 +14,7 @@ DETECTOR_SCORES = ("global", "ot")
 
 def detector_scores(source: str | Path, samples: list[Sample]) -> dict[str, np.ndarray]:
     """Scores [N] per kind (NaN where a sample has no image), from an exported detector."""
-    from vlmguard.guard_models.detector import SafetyDetector
+    from vlmguard.runtime.detector import SafetyDetector
     from vlmguard.runtime.image_preprocess import preprocess_image
 
     detector = SafetyDetector.load(source)

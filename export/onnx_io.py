@@ -1,7 +1,17 @@
-"""Turn a torch module into a named ONNX file: dynamic axes, readable dim names, external data."""
+"""Turn a torch module into a named ONNX file: dynamic axes, readable dim names, external data.
+
+The one torch -> ONNX path of the project: the language-model graphs (export/exporter.py,
+calibration's re-export) and the safety detector (guard_models/detector_export.py) all go
+through `export_onnx`, which uses `torch.onnx.export(dynamo=True)` with `dynamic_shapes`.
+The detector keeps its weights inline (`external_data=False`: a few MB, one file per
+variant, so each variant's sha256 covers all of it) and asks for module-scoped node names
+(`scope_node_names=True`: `/head/...`, `/tower/...`, in place of the exporter's per-node
+debug metadata), which its quantizer uses to keep the head in fp32.
+"""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import logging
@@ -17,6 +27,7 @@ from vlmguard.guards import TensorSpec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 EXTERNAL_DATA_THRESHOLD = 1024  # bytes: every weight tensor above this goes to <file>_data
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # node metadata: the module path the op ran in
 
 
 def _dynamic_shapes(specs: list[TensorSpec]) -> list[dict[int, object]]:
@@ -40,6 +51,21 @@ def _name_dims(model: onnx.ModelProto, specs: list[TensorSpec], values: list) ->
                 dim.dim_value = want
 
 
+def _scope_node_names(model: onnx.ModelProto) -> None:
+    """Name each node by its module path, as `/head/node_Sub_7`, and drop the debug metadata."""
+    for node in model.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == NAME_SCOPES), None)
+        # stack traces and fx nodes: about 1.3 kB a node, a quarter of the detector's file
+        del node.metadata_props[:]
+        if scopes is None:
+            continue
+        # ['', 'module.tower', 'module.tower.model', ..., 'op']: root, module calls, the op
+        # (`module.` is _Flat's attribute; it may or may not appear as a scope of its own)
+        path = [scope.removeprefix("module") for scope in ast.literal_eval(scopes)[1:-1]]
+        module = path[-1].strip(".").replace(".", "/") if path else ""
+        node.name = f"/{module}/{node.name}" if module else f"/{node.name}"
+
+
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """Keep torch.onnx's progress prints and warnings ('torchvision is not installed') quiet."""
@@ -60,8 +86,10 @@ def export_onnx(
     inputs: list[TensorSpec],
     outputs: list[TensorSpec],
     path: Path,
+    external_data: bool = True,
+    scope_node_names: bool = False,
 ) -> Path:
-    """Export `module(*example_inputs)` to `path` with external data in `<file>_data`."""
+    """Export `module(*example_inputs)` to `path`, weights in `<file>_data` or inline."""
     names = [spec.name for spec in inputs]
     with _quiet_exporter():
         program = torch.onnx.export(
@@ -76,15 +104,21 @@ def export_onnx(
     model = program.model_proto
     _name_dims(model, inputs, list(model.graph.input))
     _name_dims(model, outputs, list(model.graph.output))
+    if scope_node_names:
+        _scope_node_names(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save(model, path)
+    _save(model, path, external_data)
     return path
 
 
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    """Save with every weight above the threshold in `<file>_data`, then check the result."""
+def _save(model: onnx.ModelProto, path: Path, external_data: bool = True) -> None:
+    """Save with every weight above the threshold in `<file>_data` (or inline), then check it."""
     data_name = path.name + "_data"
     (path.parent / data_name).unlink(missing_ok=True)
+    if not external_data:
+        onnx.save_model(model, str(path))
+        onnx.checker.check_model(str(path))
+        return
     onnx.save_model(
         model,
         str(path),

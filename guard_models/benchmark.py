@@ -30,8 +30,9 @@ def time_variant(detector_dir: Path, variant: str, threads: int, runs: int) -> f
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(detector_dir / manifest["files"][variant]), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(detector_dir / manifest["files"][variant]), options, providers=["CPUExecutionProvider"]
+    )
     side = manifest["inputs"]["pixel_values"]["shape"][2]
     pixels = np.random.default_rng(0).standard_normal((1, 3, side, side)).astype(np.float32)
     for _ in range(3):
@@ -57,12 +58,25 @@ def vit_b32_detector(out_dir: Path) -> Path:
     bank = load_concept_bank()
     tokenizer = build_tokenizer(words_of(v for c in bank.categories for v in c.variants), 32)
     config = CLIPConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 512, "intermediate_size": 1024,
-                     "num_hidden_layers": 2, "num_attention_heads": 8,
-                     "max_position_embeddings": 32, "pad_token_id": 0, "bos_token_id": 2,
-                     "eos_token_id": 3},
-        vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                       "num_attention_heads": 12, "image_size": 224, "patch_size": 32},
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 512,
+            "intermediate_size": 1024,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 8,
+            "max_position_embeddings": 32,
+            "pad_token_id": 0,
+            "bos_token_id": 2,
+            "eos_token_id": 3,
+        },
+        vision_config={
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "image_size": 224,
+            "patch_size": 32,
+        },
         projection_dim=512,
     )
     torch.manual_seed(0)
@@ -77,7 +91,7 @@ def vit_b32_detector(out_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Print a latency table for the default detector and a ViT-B/32-shaped CLIP."""
-    from .sources import default_detector_dir
+    from vlmguard.runtime.detector import default_detector_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -85,13 +99,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        detectors = {"default (96 px, ViT 4x128)": default_detector_dir(),
-                     "random CLIP, ViT-B/32 shape": vit_b32_detector(Path(scratch))}
+        detectors = {
+            "default (96 px, ViT 4x128)": default_detector_dir(),
+            "random CLIP, ViT-B/32 shape": vit_b32_detector(Path(scratch)),
+        }
         for name, directory in detectors.items():
             fp32 = time_variant(directory, "fp32", args.threads, args.runs)
             int8 = time_variant(directory, "int8", args.threads, args.runs)
-            rows.append({"detector": name, "fp32_ms": round(fp32, 2), "int8_ms": round(int8, 2),
-                         "speedup": round(fp32 / int8, 2)})
+            rows.append(
+                {
+                    "detector": name,
+                    "fp32_ms": round(fp32, 2),
+                    "int8_ms": round(int8, 2),
+                    "speedup": round(fp32 / int8, 2),
+                }
+            )
     print(json.dumps({"threads": args.threads, "runs": args.runs, "rows": rows}, indent=2))
 
 

@@ -36,7 +36,7 @@ def export_command(
     calibration_images: Path | None,
 ) -> None:
     """Export SOURCE (a CLIP/SigLIP checkpoint, hub id in the cache, or `default`) to ONNX."""
-    from .variants import parse_quantize
+    from .quantize import parse_quantize
 
     parse_quantize(quantize)
     images = _image_files(calibration_images) if calibration_images else None
@@ -81,10 +81,9 @@ def detect(
     providers: tuple[str, ...], variant: str | None, method: str | None, top_k: int,
 ) -> None:
     """Score IMAGES with a detector directory, a bundle, or `default`."""
+    from vlmguard.runtime.detector import SafetyDetector
+    from vlmguard.runtime.detector_heatmap import render_heatmap
     from vlmguard.runtime.image_preprocess import model_view
-
-    from .detector import SafetyDetector
-    from .heatmap import render_heatmap
 
     model = SafetyDetector.load(
         detector_or_bundle, providers or None, variant, {"method": method} if method else None

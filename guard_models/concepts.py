@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from vlmguard.errors import VlmguardError
+
 __all__ = [
     "Category",
     "ConceptBank",
@@ -28,11 +30,11 @@ __all__ = [
 ]
 
 
-class ConceptBankError(ValueError):
+class ConceptBankError(VlmguardError, ValueError):
     """A concept file is malformed: bad JSON, an empty or duplicate category, a bad variant."""
 
 
-class ConceptFileNotFoundError(FileNotFoundError):
+class ConceptFileNotFoundError(VlmguardError, FileNotFoundError):
     """A concept file path does not exist."""
 
 

@@ -3,7 +3,9 @@
 The graph maps `pixel_values` to the image embedding, the patch embeddings, per-category
 global cosines, per-patch OT scores and the two image-level scores (see `ot_head`). The
 concept bank is embedded by the text tower here and stored in the graph as constants, so
-the runtime needs neither the text tower nor a tokenizer. Offline half (torch).
+the runtime needs neither the text tower nor a tokenizer. Every variant's graph comes from
+the project's one ONNX export path (export/onnx_io.export_onnx, torch.onnx dynamo), weights
+inline, nodes named by module scope. Offline half (torch).
 """
 
 from __future__ import annotations
@@ -11,19 +13,23 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from torch import nn
 
+from vlmguard.export.onnx_io import TensorSpec
+from vlmguard.export.onnx_io import export_onnx as export_graph
+from vlmguard.runtime.detector_variants import FP16, FP32, VARIANT_FILES
+
 from .concepts import ConceptBank, load_concept_bank
 from .ot_head import DetectorHead, OTParams
+from .quantize import parse_quantize
 from .sources import resolve_detector_source
 from .towers import Tower, load_tower
-from .variants import FP16, FP32, VARIANT_FILES, parse_quantize
 
 __all__ = [
     "DetectorGraph",
@@ -48,7 +54,6 @@ OUTPUT_NAMES = [
 # Thresholds for a checkpoint nobody calibrated: ETA's CLIP cosine threshold and GuardAlign's
 # tau = 0.42 on transport cost (0.58 on our 1 - cost scale). Calibration should replace them.
 DEFAULT_THRESHOLDS = {"global": 0.16, "ot": 0.58, "method": "ot"}
-OPSET = 18
 
 
 class DetectorGraph(nn.Module):
@@ -68,6 +73,10 @@ class DetectorGraph(nn.Module):
         scores = self.head(image_embeds, patch_embeds)
         return (image_embeds, patch_embeds, *(scores[name] for name in OUTPUT_NAMES[2:]))
 
+    def flat_forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The positional-tensor entry point export_onnx traces."""
+        return self.forward(pixel_values)
+
 
 def build_detector_graph(
     tower: Tower, bank: ConceptBank, params: OTParams | None = None
@@ -79,29 +88,40 @@ def build_detector_graph(
     return DetectorGraph(tower, head).eval()
 
 
-def export_onnx(graph: DetectorGraph, path: Path, half_tower: bool = False) -> None:
-    """Trace the detector to ONNX with a dynamic batch axis; optionally an fp16 tower."""
+def tensor_specs(graph: DetectorGraph) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The graph's input and output specs: names, dims (batch dynamic) and dtypes."""
+    side = graph.tower.image_size()
+    patches = graph.tower.patch_grid[0] * graph.tower.patch_grid[1]
+    categories, dim = (int(n) for n in graph.head.categories.shape)
+    dims: dict[str, tuple[str | int, ...]] = {
+        "det_image_embeds": ("batch", dim),
+        "det_patch_embeds": ("batch", patches, dim),
+        "det_global_cosine": ("batch", categories),
+        "det_patch_ot_scores": ("batch", patches, categories),
+        "det_patch_mass": ("batch", patches),
+        "det_score_global": ("batch",),
+        "det_score_ot": ("batch",),
+    }
+    inputs = [TensorSpec("pixel_values", ("batch", 3, side, side), "float32")]
+    return inputs, [TensorSpec(name, dims[name], "float32") for name in OUTPUT_NAMES]
+
+
+def export_onnx(graph: DetectorGraph, path: Path, half_tower: bool = False) -> Path:
+    """Export the detector to one ONNX file with a dynamic batch axis; optionally an fp16 tower."""
     if half_tower:  # fp16 for CUDA: the tower in half, the head (Sinkhorn) stays fp32
         graph = DetectorGraph(copy.deepcopy(graph.tower).half(), graph.head)
-    side = graph.tower.image_size()
-    example = torch.zeros(2, 3, side, side)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dynamic = {name: {0: "batch"} for name in ["pixel_values", *OUTPUT_NAMES]}
-    with torch.no_grad(), warnings.catch_warnings():
-        # The TorchScript exporter warns about its own deprecation and about HF's shape checks
-        # turning into constants (the image size is fixed per detector, so that is intended).
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        torch.onnx.export(
-            graph,
-            (example,),
-            str(path),
-            input_names=["pixel_values"],
-            output_names=OUTPUT_NAMES,
-            dynamic_axes=dynamic,
-            opset_version=OPSET,
-            dynamo=False,
+    inputs, outputs = tensor_specs(graph)
+    example = torch.zeros(2, 3, *inputs[0].dims[2:])
+    with torch.no_grad():
+        return export_graph(
+            graph, [example], inputs, outputs, path, external_data=False, scope_node_names=True
         )
+
+
+def _opset(path: Path) -> int:
+    """The default-domain opset an exported graph uses."""
+    model = onnx.load(str(path), load_external_data=False)
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def _sha256(path: Path) -> str:
@@ -109,24 +129,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _io_spec(graph: DetectorGraph, bank: ConceptBank) -> dict[str, Any]:
-    """Names, shapes and dtypes of the graph's inputs and outputs."""
-    side = graph.tower.image_size()
-    patches = graph.tower.patch_grid[0] * graph.tower.patch_grid[1]
-    dim = int(graph.head.categories.shape[1])
-    categories = len(bank.categories)
-    shapes = {
-        "det_image_embeds": ["batch", dim],
-        "det_patch_embeds": ["batch", patches, dim],
-        "det_global_cosine": ["batch", categories],
-        "det_patch_ot_scores": ["batch", patches, categories],
-        "det_patch_mass": ["batch", patches],
-        "det_score_global": ["batch"],
-        "det_score_ot": ["batch"],
-    }
+def _io_spec(graph: DetectorGraph) -> dict[str, Any]:
+    """Names, shapes and dtypes of the graph's inputs and outputs, for the manifest."""
+    inputs, outputs = tensor_specs(graph)
+    record = {"inputs": inputs, "outputs": outputs}
     return {
-        "inputs": {"pixel_values": {"shape": ["batch", 3, side, side], "dtype": "float32"}},
-        "outputs": {name: {"shape": shapes[name], "dtype": "float32"} for name in OUTPUT_NAMES},
+        key: {spec.name: {"shape": list(spec.dims), "dtype": spec.dtype} for spec in specs}
+        for key, specs in record.items()
     }
 
 
@@ -156,9 +165,7 @@ def export_detector(
         else:
             from .quantize import quantize_variant
 
-            quantize_variant(
-                variant, fp32_path, target, tower.processor_config, calibration_images
-            )
+            quantize_variant(variant, fp32_path, target, tower.processor_config, calibration_images)
         files[variant] = VARIANT_FILES[variant]
     thresholds = dict(resolved.thresholds or DEFAULT_THRESHOLDS)
     return {
@@ -167,13 +174,13 @@ def export_detector(
         "model_type": tower.model_type,
         "files": files,
         "sha256": {variant: _sha256(out_dir / name) for variant, name in files.items()},
-        **_io_spec(graph, bank),
+        **_io_spec(graph),
         "patch_grid": list(tower.patch_grid),
         "preprocessor": tower.processor_config,
         "concepts": bank.to_json(),
         "ot": {**params.to_json(), "category_logit_scale": graph.head.scale},
         "thresholds": thresholds,
-        "exporter": {"torch": torch.__version__, "opset": OPSET, "exporter": "torchscript"},
+        "exporter": {"torch": torch.__version__, "opset": _opset(fp32_path), "exporter": "dynamo"},
     }
 
 

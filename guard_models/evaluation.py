@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from vlmguard.runtime.detector import SafetyDetector
 from vlmguard.runtime.image_preprocess import preprocess_image
 
-from .detector import SafetyDetector
 from .synthetic import Scene, sample_scene
 
 __all__ = [
@@ -50,8 +50,12 @@ def _scores(detector, scenes: list, batch: int = 64) -> dict[str, np.ndarray]:
     """Run the ONNX detector (runtime path: preprocess_image, ORT) over scenes."""
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(scenes), batch):
-        pixels = np.concatenate([preprocess_image(s.image, detector.preprocessor)
-                                 for s in scenes[start : start + batch]])
+        pixels = np.concatenate(
+            [
+                preprocess_image(s.image, detector.preprocessor)
+                for s in scenes[start : start + batch]
+            ]
+        )
         for name, value in detector.run(pixels).items():
             parts.setdefault(name, []).append(value)
     return {name: np.concatenate(values) for name, values in parts.items()}
@@ -72,9 +76,15 @@ def _metrics(scenes: list, scores: dict[str, np.ndarray]) -> dict[str, Any]:
     small = np.array([s.unsafe and s.area < 0.10 for s in scenes])
     typography = np.array([s.unsafe and s.kind == "typography" for s in scenes])
     cluttered = np.array([s.unsafe and len(s.concepts) > 1 for s in scenes])
-    report: dict[str, Any] = {"counts": {
-        "safe": int((~unsafe).sum()), "unsafe": int(unsafe.sum()), "unsafe_small": int(small.sum()),
-        "unsafe_typography": int(typography.sum()), "unsafe_in_clutter": int(cluttered.sum())}}
+    report: dict[str, Any] = {
+        "counts": {
+            "safe": int((~unsafe).sum()),
+            "unsafe": int(unsafe.sum()),
+            "unsafe_small": int(small.sum()),
+            "unsafe_typography": int(typography.sum()),
+            "unsafe_in_clutter": int(cluttered.sum()),
+        }
+    }
     for method, key in (("global", "det_score_global"), ("ot", "det_score_ot")):
         values = scores[key]
         threshold, tpr = tpr_at_fpr(values[~unsafe], values[unsafe])
@@ -90,8 +100,10 @@ def _metrics(scenes: list, scores: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def _decisions(scores: dict[str, np.ndarray], thresholds: dict[str, Any]) -> np.ndarray:
     """Verdicts under a threshold policy."""
-    flags = {"global": scores["det_score_global"] >= thresholds["global"],
-             "ot": scores["det_score_ot"] >= thresholds["ot"]}
+    flags = {
+        "global": scores["det_score_global"] >= thresholds["global"],
+        "ot": scores["det_score_ot"] >= thresholds["ot"],
+    }
     method = thresholds["method"]
     return flags["global"] | flags["ot"] if method == "any" else flags[method]
 
@@ -105,9 +117,12 @@ def _rates(
     report = {}
     for method in ("global", "ot"):
         flagged = _decisions(scores, {**thresholds, "method": method})
-        report[method] = {"threshold": thresholds[method], "fpr": float(flagged[~unsafe].mean()),
-                          "tpr": float(flagged[unsafe].mean()),
-                          "tpr_small_objects": float(flagged[small].mean())}
+        report[method] = {
+            "threshold": thresholds[method],
+            "fpr": float(flagged[~unsafe].mean()),
+            "tpr": float(flagged[unsafe].mean()),
+            "tpr_small_objects": float(flagged[small].mean()),
+        }
     return report
 
 
@@ -119,12 +134,18 @@ def evaluate(detector_dir: Path, thresholds: dict[str, Any], count: int) -> dict
     a, b = fp32["det_image_embeds"], int8["det_image_embeds"]
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     agreement = {
-        method: float(np.mean(_decisions(fp32, {**thresholds, "method": method})
-                              == _decisions(int8, {**thresholds, "method": method})))
+        method: float(
+            np.mean(
+                _decisions(fp32, {**thresholds, "method": method})
+                == _decisions(int8, {**thresholds, "method": method})
+            )
+        )
         for method in ("global", "ot")
     }
     return {
-        "split": "test", "seed": SPLIT_SEEDS["test"], "images": len(scenes),
+        "split": "test",
+        "seed": SPLIT_SEEDS["test"],
+        "images": len(scenes),
         "fp32_at_shipped_thresholds": _rates(scenes, fp32, thresholds),
         "fp32": _metrics(scenes, fp32),
         "int8": _metrics(scenes, int8),
@@ -147,6 +168,10 @@ def calibrate(detector_dir: Path, count: int) -> dict[str, Any]:
         "global": report["global"]["threshold_at_5pct_fpr"],
         "ot": report["ot"]["threshold_at_5pct_fpr"],
         "method": method,
-        "calibration": {"split": "validation", "seed": SPLIT_SEEDS["validation"],
-                        "images": count, "target_fpr": TARGET_FPR},
+        "calibration": {
+            "split": "validation",
+            "seed": SPLIT_SEEDS["validation"],
+            "images": count,
+            "target_fpr": TARGET_FPR,
+        },
     }

@@ -1,28 +1,65 @@
-"""Quantized variants of the detector graph: dynamic INT8 (CPU) and static symmetric QDQ (TensorRT).
+"""Which detector variants to build, and the quantized ones: dynamic INT8 (CPU), static QDQ (TRT).
 
 Only the vision tower is quantized. The head (cosines, entropy mass, Sinkhorn) stays fp32
 in every variant: it is a few small ops, and Sinkhorn in int8 would lose the precision the
 OT scores need. (fp16 is exported straight from PyTorch with a half tower, see
 detector_export: onnxruntime's float16 converter round-trips every blocked edge through
-fp16.) Offline half (onnx, onnxruntime.quantization).
+fp16.) Offline half (onnx, onnxruntime.quantization, both imported only when quantizing, so
+`parse_quantize` can check a command line before any export work).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 
+from vlmguard.errors import VlmguardError
+from vlmguard.runtime.detector_variants import FP16, INT8, QDQ
 from vlmguard.runtime.image_preprocess import ImageInput, preprocess_image
 
-from .variants import INT8, QDQ, UnknownQuantizeModeError
+if TYPE_CHECKING:
+    import onnx
 
-__all__ = ["head_node_names", "quantize_variant", "default_calibration_images"]
+__all__ = [
+    "QUANTIZE_MODES",
+    "NoCalibrationImagesError",
+    "UnknownQuantizeModeError",
+    "default_calibration_images",
+    "head_node_names",
+    "parse_quantize",
+    "quantize_variant",
+]
 
-HEAD_SCOPE = "/head/"  # TorchScript export names nodes by module scope
+QUANTIZE_MODES = (INT8, QDQ, FP16, "none")
+
+
+class UnknownQuantizeModeError(VlmguardError, ValueError):
+    """A quantize mode other than int8, qdq, fp16 or none was asked for."""
+
+
+class NoCalibrationImagesError(VlmguardError, ValueError):
+    """QDQ quantization was given an empty set of calibration images."""
+
+
+def parse_quantize(quantize: str | Sequence[str]) -> list[str]:
+    """Turn 'int8', 'int8,fp16' or a list of modes into the variants to build beyond fp32."""
+    items = quantize.split(",") if isinstance(quantize, str) else list(quantize)
+    modes: list[str] = []
+    for item in items:
+        mode = item.strip().lower()
+        if mode not in QUANTIZE_MODES:
+            raise UnknownQuantizeModeError(
+                f"unknown quantize mode '{item}'; use one or more of {', '.join(QUANTIZE_MODES)}."
+            )
+        if mode != "none" and mode not in modes:
+            modes.append(mode)
+    return modes
+
+
+HEAD_SCOPE = "/head/"  # export_onnx(scope_node_names=True) names nodes by module scope
 TOWER_OPS = ["MatMul", "Gemm", "Conv"]
 
 
@@ -57,8 +94,12 @@ def _quantize_int8(source: Path, target: Path, exclude: list[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
-        source, target, weight_type=QuantType.QInt8, op_types_to_quantize=TOWER_OPS,
-        nodes_to_exclude=exclude, per_channel=False,
+        source,
+        target,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=TOWER_OPS,
+        nodes_to_exclude=exclude,
+        per_channel=False,
     )
 
 
@@ -74,12 +115,17 @@ def _quantize_qdq(
 
     images = list(images) if images is not None else default_calibration_images()
     if not images:
-        raise ValueError("QDQ quantization needs at least one calibration image.")
+        raise NoCalibrationImagesError("QDQ quantization needs at least one calibration image.")
     quantize_static(
-        source, target, _ImageReader(images, processor_config),
-        quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8, op_types_to_quantize=TOWER_OPS,
-        nodes_to_exclude=exclude, per_channel=True,
+        source,
+        target,
+        _ImageReader(images, processor_config),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=TOWER_OPS,
+        nodes_to_exclude=exclude,
+        per_channel=True,
         calibrate_method=CalibrationMethod.MinMax,
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         calibration_providers=["CPUExecutionProvider"],
@@ -94,6 +140,8 @@ def quantize_variant(
     calibration_images: Sequence[ImageInput] | None = None,
 ) -> Path:
     """Write one quantized variant of the fp32 detector graph at `source` to `target`."""
+    import onnx
+
     exclude = head_node_names(onnx.load(str(source), load_external_data=False))
     target.parent.mkdir(parents=True, exist_ok=True)
     if variant == INT8:

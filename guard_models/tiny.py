@@ -14,9 +14,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["SPECIAL_TOKENS", "build_tokenizer", "words_of", "save_tiny_checkpoint"]
+from vlmguard.errors import VlmguardError
+
+__all__ = [
+    "SPECIAL_TOKENS",
+    "UnknownTinyFamilyError",
+    "build_tokenizer",
+    "words_of",
+    "save_tiny_checkpoint",
+]
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]  # ids 0..3
+
+
+class UnknownTinyFamilyError(VlmguardError, ValueError):
+    """A tiny checkpoint was asked for in a family other than clip or siglip."""
 
 
 def words_of(texts: Iterable[str]) -> list[str]:
@@ -79,7 +91,7 @@ def _config(family: str, vocab_size: int, image_size: int, patch_size: int, widt
     if family == "siglip":
         text["projection_size"] = width
         return SiglipConfig(text_config=text, vision_config=vision)
-    raise ValueError(f"unknown family {family!r}; use 'clip' or 'siglip'.")
+    raise UnknownTinyFamilyError(f"unknown family {family!r}; use 'clip' or 'siglip'.")
 
 
 def save_tiny_checkpoint(
@@ -99,9 +111,7 @@ def save_tiny_checkpoint(
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(words, max_length=32)
     torch.manual_seed(seed)
-    model = AutoModel.from_config(
-        _config(family, len(tokenizer), image_size, patch_size, width)
-    )
+    model = AutoModel.from_config(_config(family, len(tokenizer), image_size, patch_size, width))
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     if family == "clip":

@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from vlmguard.errors import VlmguardError
+
 __all__ = [
     "CheckpointNotFoundError",
     "UnsupportedCheckpointError",
@@ -26,11 +28,11 @@ __all__ = [
 ]
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(VlmguardError, FileNotFoundError):
     """A detector checkpoint is neither a local directory nor in the Hugging Face cache."""
 
 
-class UnsupportedCheckpointError(ValueError):
+class UnsupportedCheckpointError(VlmguardError, ValueError):
     """A checkpoint's model_type is not a CLIP or SigLIP dual encoder."""
 
 

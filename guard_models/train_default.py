@@ -14,7 +14,7 @@ the OT head needs.
 
 Data streams: training, validation (thresholds) and test (the report) draw scenes from
 three different seeds; the script never trains on validation or test scenes. Outputs in
-guard_models/data/default_detector/: checkpoint/, concepts.json, thresholds.json,
+runtime/data/default_detector/: checkpoint/, concepts.json, thresholds.json,
 detector_config.json + onnx/ (fp32, int8, qdq, fp16) and evaluation.json. Offline half (torch).
 """
 
@@ -53,8 +53,11 @@ VARIANT_TASKS = ["a drawing of a {}", "the word {}", "an icon of a {}"]
 def default_bank() -> dict[str, Any]:
     """The default detector's concept bank: its unsafe concepts grouped into categories."""
     categories = [
-        {"name": name, "sources": ["vlmguard synthetic"],
-         "variants": [caption(task, concept) for concept in concepts for task in VARIANT_TASKS]}
+        {
+            "name": name,
+            "sources": ["vlmguard synthetic"],
+            "variants": [caption(task, concept) for concept in concepts for task in VARIANT_TASKS],
+        }
         for name, concepts in CATEGORIES.items()
     ]
     return {
@@ -79,14 +82,23 @@ def build_model(seed: int = SEED) -> tuple[Any, Any, Any]:
     tokenizer = build_tokenizer(_vocabulary(), max_length=TEXT_LENGTH)
     config = CLIPConfig(
         text_config={
-            "vocab_size": len(tokenizer), "hidden_size": WIDTH, "intermediate_size": 2 * WIDTH,
-            "num_hidden_layers": 3, "num_attention_heads": 4,
-            "max_position_embeddings": TEXT_LENGTH, "pad_token_id": 0, "bos_token_id": 2,
+            "vocab_size": len(tokenizer),
+            "hidden_size": WIDTH,
+            "intermediate_size": 2 * WIDTH,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "max_position_embeddings": TEXT_LENGTH,
+            "pad_token_id": 0,
+            "bos_token_id": 2,
             "eos_token_id": 3,
         },
         vision_config={
-            "hidden_size": WIDTH, "intermediate_size": 2 * WIDTH, "num_hidden_layers": 4,
-            "num_attention_heads": 4, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE,
+            "hidden_size": WIDTH,
+            "intermediate_size": 2 * WIDTH,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "image_size": IMAGE_SIZE,
+            "patch_size": PATCH_SIZE,
         },
         projection_dim=WIDTH,
     )
@@ -123,8 +135,14 @@ def _training_scene(rng: np.random.Generator, progress: float):
     if progress >= 0.3:
         return sample_scene(rng, IMAGE_SIZE)
     concept = CONCEPTS[rng.integers(len(CONCEPTS))]
-    return make_scene(rng, IMAGE_SIZE, concept, typography=bool(rng.random() < 0.15),
-                      small=bool(rng.random() < 0.3), clutter=int(rng.integers(0, 3)))
+    return make_scene(
+        rng,
+        IMAGE_SIZE,
+        concept,
+        typography=bool(rng.random() < 0.15),
+        small=bool(rng.random() < 0.3),
+        clutter=int(rng.integers(0, 3)),
+    )
 
 
 def train(
@@ -148,8 +166,9 @@ def train(
         scenes = [_training_scene(rng, step / steps) for _ in range(batch_size)]
         tasks = rng.integers(len(TASKS), size=len(CONCEPTS))
         texts = [caption(TASKS[t], c) for t, c in zip(tasks, CONCEPTS, strict=True)]
-        labels = torch.tensor([[c in s.concepts for c in CONCEPTS] for s in scenes],
-                              dtype=torch.float32)
+        labels = torch.tensor(
+            [[c in s.concepts for c in CONCEPTS] for s in scenes], dtype=torch.float32
+        )
         tokens = tokenizer(texts, padding=True, return_tensors="pt")
         text = F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
         hidden = model.vision_model(pixel_values=_pixels([s.image for s in scenes], config))
@@ -174,9 +193,11 @@ def train(
         if step % log_every == 0 or step == steps - 1:
             top = global_logits.argmax(1)
             hit = labels[torch.arange(len(top)), top].mean().item()
-            print(f"step {step:4d} loss {loss.item():.3f} top1-present {hit:.2f} "
-                  f"scale {model.logit_scale.exp().item():.1f} {time.time() - start:.0f}s",
-                  flush=True)
+            print(
+                f"step {step:4d} loss {loss.item():.3f} top1-present {hit:.2f} "
+                f"scale {model.logit_scale.exp().item():.1f} {time.time() - start:.0f}s",
+                flush=True,
+            )
     return model.eval(), tokenizer, processor
 
 
@@ -192,15 +213,19 @@ def save_checkpoint(model: Any, tokenizer: Any, processor: Any, out: Path) -> Pa
 
 def main(argv: list[str] | None = None) -> None:
     """Reproduce the default detector: train, save, export, calibrate, evaluate."""
+    from vlmguard.runtime.detector import default_detector_dir
+
     from .detector_export import export_detector, write_detector_dir
-    from .sources import default_detector_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--eval-images", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=default_detector_dir())
-    parser.add_argument("--skip-training", action="store_true",
-                        help="Reuse OUT/checkpoint; only export, calibrate and evaluate.")
+    parser.add_argument(
+        "--skip-training",
+        action="store_true",
+        help="Reuse OUT/checkpoint; only export, calibrate and evaluate.",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out: Path = args.out
@@ -209,9 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer, processor = train(args.steps)
         save_checkpoint(model, tokenizer, processor, out / "checkpoint")
     (out / "concepts.json").write_text(json.dumps(default_bank(), indent=2) + "\n")
-    manifest = export_detector(
-        str(out / "checkpoint"), out, out / "concepts.json", "int8,qdq,fp16"
-    )
+    manifest = export_detector(str(out / "checkpoint"), out, out / "concepts.json", "int8,qdq,fp16")
     manifest["source"] = "default"
     write_detector_dir(manifest, out)
     thresholds = calibrate(out, args.eval_images)
@@ -220,8 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     write_detector_dir(manifest, out)
     report = evaluate(out, thresholds, args.eval_images)
     report["thresholds"] = thresholds
-    report["training"] = {"steps": args.steps, "seed": SEED,
-                          "unsafe_concepts": list(UNSAFE_CONCEPTS)}
+    report["training"] = {
+        "steps": args.steps,
+        "seed": SEED,
+        "unsafe_concepts": list(UNSAFE_CONCEPTS),
+    }
     (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 

@@ -150,7 +150,7 @@ def detector_variants(vlm: GuardedVLM, image: Image.Image, settings: BenchSettin
     """p50 of each exported detector variant on the same pixels, on the bundle's providers."""
     if vlm.detector is None:
         return {}
-    from vlmguard.guard_models.detector import SafetyDetector
+    from vlmguard.runtime.detector import SafetyDetector
 
     manifest = vlm.manifest["detector"]
     pixels = None

@@ -15,7 +15,6 @@ from vlmguard.guard_models.concepts import (  # noqa: E402
     ConceptFileNotFoundError,
     load_concept_bank,
 )
-from vlmguard.guard_models.detector import DetectorNotFoundError, SafetyDetector  # noqa: E402
 from vlmguard.guard_models.detector_export import (  # noqa: E402
     export_detector,
     write_detector_dir,
@@ -25,6 +24,11 @@ from vlmguard.guard_models.tiny import save_tiny_checkpoint, words_of  # noqa: E
 from vlmguard.guard_models.towers import (  # noqa: E402
     CheckpointNotFoundError,
     UnsupportedCheckpointError,
+)
+from vlmguard.runtime.detector import (  # noqa: E402
+    DetectorNotFoundError,
+    SafetyDetector,
+    default_detector_dir,
 )
 from vlmguard.runtime.image_preprocess import ImageInputError  # noqa: E402
 
@@ -81,8 +85,9 @@ def _reference(
             if family == "clip":
                 enc = tokenizer(category["variants"], padding=True, return_tensors="pt")
             else:
-                enc = tokenizer(category["variants"], padding="max_length", max_length=32,
-                                return_tensors="pt")
+                enc = tokenizer(
+                    category["variants"], padding="max_length", max_length=32, return_tensors="pt"
+                )
                 enc = {"input_ids": enc["input_ids"]}
             texts.append(model.get_text_features(**enc).pooler_output.double())
         scale = model.logit_scale.exp().double()
@@ -175,8 +180,10 @@ def test_bad_image_gives_clear_error(exported, tmp_path) -> None:
     "data,message",
     [
         ({"categories": [{"name": "a", "variants": []}]}, "is empty"),
-        ({"categories": [{"name": "a", "variants": ["x"]}, {"name": "A", "variants": ["y"]}]},
-         "duplicate category 'A'"),
+        (
+            {"categories": [{"name": "a", "variants": ["x"]}, {"name": "A", "variants": ["y"]}]},
+            "duplicate category 'A'",
+        ),
         ({"categories": [{"name": "a", "variants": ["x", "x "]}]}, "repeats the variant"),
         ({"categories": []}, "non-empty 'categories'"),
         ({"categories": [{"variants": ["x"]}]}, "non-empty string 'name'"),
@@ -202,8 +209,14 @@ def test_default_bank_covers_eta_and_mm_safetybench() -> None:
     """The packaged bank has ETA's seven categories and MM-SafetyBench's 13 scenarios."""
     bank = load_concept_bank()
     sources = " ".join(s for c in bank.categories for s in c.sources)
-    for eta in ("ETA: porn", "ETA: violent", "ETA: politic", "ETA: physical harmful",
-                "ETA: illegal", "ETA: privacy"):
+    for eta in (
+        "ETA: porn",
+        "ETA: violent",
+        "ETA: politic",
+        "ETA: physical harmful",
+        "ETA: illegal",
+        "ETA: privacy",
+    ):
         assert eta in sources
     assert "unsafe" in bank.names
     for scenario in range(1, 14):
@@ -218,8 +231,11 @@ def test_missing_or_wrong_checkpoints_are_rejected(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointNotFoundError, match="config.json"):
         export_detector(str(tmp_path / "empty"), tmp_path / "out", quantize="none")
-    bert = transformers.BertModel(transformers.BertConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    bert = transformers.BertModel(
+        transformers.BertConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+    )
     bert.save_pretrained(tmp_path / "bert")
     with pytest.raises(UnsupportedCheckpointError, match="'bert' checkpoint"):
         export_detector(str(tmp_path / "bert"), tmp_path / "out", quantize="none")
@@ -233,8 +249,6 @@ def test_not_a_detector_directory(tmp_path) -> None:
 
 def test_default_detector_matches_reference(tmp_path) -> None:
     """The trained default detector's graph matches the PyTorch reference too."""
-    from vlmguard.guard_models.sources import default_detector_dir
-
     root = default_detector_dir()
     bank = json.loads((root / "concepts.json").read_text())
     manifest = export_detector("default", tmp_path, quantize="none", params=PARAMS)
@@ -250,3 +264,18 @@ def test_default_detector_matches_reference(tmp_path) -> None:
         np.testing.assert_allclose(got[name], want[name], atol=1e-5, rtol=0, err_msg=name)
     for name in ("det_patch_ot_scores", "det_score_ot"):
         np.testing.assert_allclose(got[name], want[name], atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_the_detector_uses_the_one_export_path(exported) -> None:
+    """Every variant comes from export_onnx (dynamo): one self-contained file, scoped names."""
+    import onnx
+
+    _, _, manifest, out = exported
+    assert manifest["exporter"]["exporter"] == "dynamo"
+    for name in manifest["files"].values():
+        assert not (out / f"{name}_data").exists(), "detector weights stay inline"
+        model = onnx.load(str(out / name))
+        scopes = {node.name.split("/")[1] for node in model.graph.node if "/" in node.name}
+        assert scopes >= {"head", "tower"}
+        compute = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Einsum")]
+        assert all("/" in node.name for node in compute), "the quantizer tells head from tower"

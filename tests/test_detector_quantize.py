@@ -8,18 +8,15 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
-from vlmguard.guard_models.detector import SafetyDetector  # noqa: E402
 from vlmguard.guard_models.detector_export import (  # noqa: E402
     export_detector,
     write_detector_dir,
 )
+from vlmguard.guard_models.quantize import UnknownQuantizeModeError, parse_quantize  # noqa: E402
 from vlmguard.guard_models.synthetic import calibration_scenes  # noqa: E402
 from vlmguard.guard_models.tiny import save_tiny_checkpoint, words_of  # noqa: E402
-from vlmguard.guard_models.variants import (  # noqa: E402
-    UnknownQuantizeModeError,
-    parse_quantize,
-    pick_variant,
-)
+from vlmguard.runtime.detector import SafetyDetector  # noqa: E402
+from vlmguard.runtime.detector_variants import pick_variant  # noqa: E402
 from vlmguard.runtime.image_preprocess import preprocess_image  # noqa: E402
 
 torch.set_num_threads(1)
@@ -63,10 +60,14 @@ def test_variant_runs_and_stays_close_to_fp32(detector_dir, variant: str) -> Non
 
 def test_variant_graphs_have_the_promised_form(detector_dir) -> None:
     """int8 is MatMulInteger, qdq is symmetric S8S8, fp16 has half weights; head stays fp32."""
-    graphs = {v: onnx.load(str(detector_dir / "onnx" / name))
-              for v, name in [("int8", "safety_detector_int8.onnx"),
-                              ("qdq", "safety_detector_qdq.onnx"),
-                              ("fp16", "safety_detector_fp16.onnx")]}
+    graphs = {
+        v: onnx.load(str(detector_dir / "onnx" / name))
+        for v, name in [
+            ("int8", "safety_detector_int8.onnx"),
+            ("qdq", "safety_detector_qdq.onnx"),
+            ("fp16", "safety_detector_fp16.onnx"),
+        ]
+    }
     int8_ops = {node.op_type for node in graphs["int8"].graph.node}
     assert {"MatMulInteger", "DynamicQuantizeLinear"} <= int8_ops
     for graph in graphs.values():

@@ -16,10 +16,10 @@ from onnx import TensorProto, helper
 
 from vlmguard.cli import main
 from vlmguard.errors import BundleError
-from vlmguard.guard_models.sources import default_detector_dir
 from vlmguard.integrity import external_data_locations, verify_bundle
 from vlmguard.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from vlmguard.runtime import engine
+from vlmguard.runtime.detector import default_detector_dir
 from vlmguard.runtime.guarded_vlm import GuardedVLM
 
 DECODER = "onnx/decoder_model_merged.onnx"
@@ -64,7 +64,7 @@ def no_sessions(monkeypatch) -> list[str]:
         raise AssertionError(f"a session was opened on {path} before the integrity check")
 
     monkeypatch.setattr(engine, "create_session", refuse)
-    monkeypatch.setattr("vlmguard.guard_models.detector.create_session", refuse)
+    monkeypatch.setattr("vlmguard.runtime.detector.create_session", refuse)
     return opened
 
 

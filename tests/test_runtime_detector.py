@@ -74,3 +74,71 @@ def test_a_failing_detector_refuses(bundle, fault):
     result = vlm.generate(noise_image(0), "What is this?", max_new_tokens=4)
     assert result.report.refused and result.text == REFUSAL_TEXT
     assert result.report.refusal_reason.startswith("detector")
+
+
+def _runtime_modules() -> list[str]:
+    """Every module of vlmguard.runtime, subpackages included."""
+    import pkgutil
+
+    import vlmguard.runtime
+
+    found = pkgutil.walk_packages(vlmguard.runtime.__path__, "vlmguard.runtime.")
+    return ["vlmguard.runtime", *sorted(info.name for info in found)]
+
+
+@pytest.mark.parametrize("module", _runtime_modules())
+def test_each_runtime_module_imports_lean(module):
+    """Importing a runtime module loads no guard_models module, nor torch or transformers."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys, importlib; importlib.import_module({module!r})\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')"
+        " or m.startswith('vlmguard.guard_models'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_no_runtime_source_imports_guard_models_or_torch():
+    """No runtime file imports guard_models, torch or transformers, even lazily in a function."""
+    import ast
+    from pathlib import Path
+
+    import vlmguard.runtime
+
+    offending = []
+    for root in vlmguard.runtime.__path__:
+        for path in sorted(Path(root).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    # `from ..guard_models import x` in runtime/ is vlmguard.guard_models too
+                    names = [node.module if node.level < 2 else f"vlmguard.{node.module}"]
+                else:
+                    continue
+                for name in names:
+                    if name.split(".")[0] in ("torch", "transformers") or name.startswith(
+                        "vlmguard.guard_models"
+                    ):
+                        offending.append(f"{path.name}:{node.lineno} imports {name}")
+    assert not offending, offending
+
+
+def test_the_default_detector_runs_without_guard_models():
+    """Loading and running the packaged default leaves guard_models, torch, transformers out."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from vlmguard.runtime.detector import SafetyDetector\n"
+        "detection = SafetyDetector.load('default').detect(np.zeros((40, 40, 3), np.uint8))\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')"
+        " or m.startswith('vlmguard.guard_models'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

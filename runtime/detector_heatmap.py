@@ -44,8 +44,11 @@ def render_heatmap(
     for row, col in zip(*np.nonzero(patch_scores >= threshold), strict=True):
         box = [col * cell_w, row * cell_h, (col + 1) * cell_w - 1, (row + 1) * cell_h - 1]
         draw.rectangle(box, outline=(255, 0, 0), width=max(2, scale))
-    draw.text((4, 4), f"OT patch score {low:.3f}..{high:.3f}, threshold {threshold:.3f}",
-              fill=(255, 255, 255))
+    draw.text(
+        (4, 4),
+        f"OT patch score {low:.3f}..{high:.3f}, threshold {threshold:.3f}",
+        fill=(255, 255, 255),
+    )
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     image.save(out_path)

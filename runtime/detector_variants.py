@@ -1,54 +1,40 @@
-"""Detector graph variants (fp32, int8, qdq, fp16) and which one fits a provider list.
+"""Detector graph variants (fp32, int8, qdq, fp16), their files, and which one fits a provider list.
 
 Dynamic INT8 (MatMulInteger) is for the CPU only: on the CUDA provider it falls back to the
 host and is slower than fp32, so CUDA gets fp16 and TensorRT gets static symmetric QDQ.
-Torch-free: the runtime uses the picker.
+Online half (stdlib only); the exporter writes the files named here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
+
+from vlmguard.errors import VlmguardError
 
 __all__ = [
     "FP32",
     "INT8",
     "QDQ",
     "FP16",
+    "VARIANTS",
     "VARIANT_FILES",
-    "QUANTIZE_MODES",
-    "UnknownQuantizeModeError",
-    "parse_quantize",
+    "NoDetectorVariantError",
     "preferred_variants",
     "pick_variant",
 ]
 
 FP32, INT8, QDQ, FP16 = "fp32", "int8", "qdq", "fp16"
+VARIANTS = (FP32, INT8, QDQ, FP16)
 VARIANT_FILES = {
     FP32: "onnx/safety_detector.onnx",
     INT8: "onnx/safety_detector_int8.onnx",
     QDQ: "onnx/safety_detector_qdq.onnx",
     FP16: "onnx/safety_detector_fp16.onnx",
 }
-QUANTIZE_MODES = (INT8, QDQ, FP16, "none")
 
 
-class UnknownQuantizeModeError(ValueError):
-    """A quantize mode other than int8, qdq, fp16 or none was asked for."""
-
-
-def parse_quantize(quantize: str | Sequence[str]) -> list[str]:
-    """Turn 'int8', 'int8,fp16' or a list of modes into the variants to build beyond fp32."""
-    items = quantize.split(",") if isinstance(quantize, str) else list(quantize)
-    modes: list[str] = []
-    for item in items:
-        mode = item.strip().lower()
-        if mode not in QUANTIZE_MODES:
-            raise UnknownQuantizeModeError(
-                f"unknown quantize mode '{item}'; use one or more of {', '.join(QUANTIZE_MODES)}."
-            )
-        if mode != "none" and mode not in modes:
-            modes.append(mode)
-    return modes
+class NoDetectorVariantError(VlmguardError, FileNotFoundError):
+    """A detector manifest lists no variant this runtime can use."""
 
 
 def preferred_variants(providers: Iterable[str]) -> list[str]:
@@ -69,4 +55,4 @@ def pick_variant(providers: Iterable[str], available: Iterable[str]) -> str:
             return variant
     if FP32 in have:
         return FP32
-    raise FileNotFoundError(f"no usable detector variant among {sorted(have)}; re-export it.")
+    raise NoDetectorVariantError(f"no usable detector variant among {sorted(have)}; re-export it.")

@@ -2,7 +2,8 @@
 
 Online half: numpy, Pillow and onnxruntime only. A detector lives either in a standalone
 directory (`detector_config.json` + `onnx/`, written by `vlmguard detector export`), in a
-model bundle (`guard_config.json` with a "detector" entry), or is the packaged `default`.
+model bundle (`guard_config.json` with a "detector" entry), or is the packaged `default`
+(runtime/data/default_detector/, trained and exported by guard_models/train_default.py).
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vlmguard.errors import VlmguardError
 from vlmguard.integrity import verify_bundle
 from vlmguard.manifest import read_manifest
+from vlmguard.runtime.detector_variants import pick_variant
 from vlmguard.runtime.image_preprocess import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageInput,
@@ -25,26 +29,37 @@ from vlmguard.runtime.image_preprocess import (
 )
 from vlmguard.runtime.providers import create_session
 
-from .sources import DEFAULT_NAME, default_detector_dir
-from .variants import pick_variant
-
 __all__ = [
+    "DEFAULT_NAME",
+    "METHODS",
     "DetectorNotFoundError",
     "DetectorRunError",
+    "UnknownDetectorMethodError",
     "Detection",
     "SafetyDetector",
+    "default_detector_dir",
     "find_detector_manifest",
 ]
 
+DEFAULT_NAME = "default"
 METHODS = ("ot", "global", "any")
 
 
-class DetectorNotFoundError(FileNotFoundError):
+class DetectorNotFoundError(VlmguardError, FileNotFoundError):
     """A path is neither an exported detector directory nor a bundle with a detector."""
 
 
-class DetectorRunError(ValueError):
+class DetectorRunError(VlmguardError, ValueError):
     """ONNX Runtime could not load or run a detector graph."""
+
+
+class UnknownDetectorMethodError(VlmguardError, ValueError):
+    """A detector policy names a deciding method other than ot, global or any."""
+
+
+def default_detector_dir() -> Path:
+    """The packaged directory of the default detector (graphs, manifest and their sources)."""
+    return Path(str(resources.files("vlmguard.runtime").joinpath("data/default_detector")))
 
 
 @dataclass
@@ -123,7 +138,7 @@ class SafetyDetector:
             raise DetectorNotFoundError(f"detector graph missing: {self.path}; re-export it.")
         self.thresholds = {**manifest["thresholds"], **(thresholds or {})}
         if self.thresholds.get("method", "ot") not in METHODS:
-            raise ValueError(
+            raise UnknownDetectorMethodError(
                 f"unknown detector method {self.thresholds['method']!r}; use one of {METHODS}."
             )
         self.concept_names = [concept["name"] for concept in manifest["concepts"]]
