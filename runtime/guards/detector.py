@@ -10,6 +10,8 @@ import math
 
 from vlmguard.errors import BundleError
 
+from ..detector import DetectorNotFoundError, SafetyDetector
+from ..detector_variants import NoDetectorVariantError
 from ..engine import BundleEngine
 from ..policy import GuardPolicy
 from ..request import Request, first_line
@@ -18,8 +20,6 @@ from .base import FailRule
 
 def load_detector(engine: BundleEngine, policy: GuardPolicy) -> object:
     """The bundle's safety detector, in the variant that fits the providers."""
-    from vlmguard.guard_models.detector import DetectorNotFoundError, SafetyDetector
-
     record = engine.manifest["detector"]
     thresholds = dict(record.get("thresholds", {}))
     if policy.detector_threshold is not None:  # applies to the deciding method's score
@@ -28,7 +28,7 @@ def load_detector(engine: BundleEngine, policy: GuardPolicy) -> object:
             thresholds[key] = policy.detector_threshold
     try:
         return SafetyDetector(record, engine.bundle, engine.providers, thresholds=thresholds)
-    except (DetectorNotFoundError, KeyError, TypeError, ValueError) as err:
+    except (DetectorNotFoundError, NoDetectorVariantError, KeyError, TypeError, ValueError) as err:
         raise BundleError(
             f"{engine.bundle}'s safety detector cannot be loaded ({first_line(err)}); "
             "re-export the bundle"
