@@ -237,7 +237,11 @@ def _print_report(report: object, console: object) -> None:
     help="Longest answer, in tokens (generation stops earlier at end of text).",
 )
 @click.option(
-    "--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 is greedy."
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="0 is greedy.",
 )
 @click.option("--top-k", type=click.IntRange(min=1), default=None)
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
