@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from vlmguard.errors import one_line_errors
+from vlmguard.errors import UsageError, one_line_errors, require_extra
 
 
 @contextmanager
@@ -45,6 +45,21 @@ def _carries_ptr(bundle: Path | None) -> bool:
     return "ptr" in read_manifest(bundle).get("guards", {}).get("defenses", [])
 
 
+def _check_device(torch: object, device: str) -> None:
+    """Refuse a --device torch cannot parse or this torch build cannot use, in one line."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise UsageError(
+            f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N"
+        ) from err
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device {device}: this torch build sees no CUDA device ({torch.__version__}); "
+            "use --device cpu or install a CUDA build of torch"
+        )
+
+
 @click.command("calibrate")
 @click.argument("source")
 @click.option(
@@ -65,14 +80,14 @@ def _carries_ptr(bundle: Path | None) -> bool:
     "--target-fpr",
     default=0.05,
     show_default=True,
-    type=float,
+    type=click.FloatRange(0, 1, max_open=True),
     help="False-positive rate on safe samples the detector thresholds aim at.",
 )
 @click.option(
     "--holdout",
     default=0.3,
     show_default=True,
-    type=float,
+    type=click.FloatRange(0, 1, max_open=True),
     help="Share of each label held out for the reported TPR/FPR.",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the held-out split.")
@@ -80,7 +95,7 @@ def _carries_ptr(bundle: Path | None) -> bool:
     "--batch-size",
     default=8,
     show_default=True,
-    type=int,
+    type=click.IntRange(min=1),
     help="Samples per forward batch (the head sweep runs batch x heads rows).",
 )
 @click.option(
@@ -96,7 +111,10 @@ def _carries_ptr(bundle: Path | None) -> bool:
     "(default: the bundle's detector, if it has one).",
 )
 @click.option(
-    "--device", default="cpu", show_default=True, help="Torch device for the model, e.g. cuda."
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Torch device for the model: cpu, cuda or cuda:N (an open set, so not a fixed choice).",
 )
 @click.option(
     "--report",
@@ -120,6 +138,9 @@ def calibrate_command(
     report: Path | None,
 ) -> None:
     """Calibrate SOURCE's guards (Oh head, SafePTR window, GuardAlign strength, thresholds)."""
+    require_extra("export")
+    if report is not None:
+        require_extra("plot")  # before the run, not after it
     import torch
     import transformers
 
@@ -129,6 +150,7 @@ def calibrate_command(
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    _check_device(torch, device)
     read_samples(data)  # bad data fails before the model loads
     if bundle is not None:
         from vlmguard.manifest import read_manifest

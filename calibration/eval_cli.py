@@ -9,9 +9,13 @@ from pathlib import Path
 
 import click
 
+from vlmguard.cli_support import CommaChoice, providers_option
 from vlmguard.errors import one_line_errors
 
 from .cli import _progress_bars
+from .datasets.figstep import SUBSETS as FIGSTEP_SUBSETS
+from .datasets.mmsafetybench import VARIANTS as MMSB_VARIANTS
+from .datasets.vlguard import SUBSETS as VLGUARD_SUBSETS
 
 
 def _percent(rate: float | None) -> str:
@@ -62,12 +66,21 @@ def _print_metrics(metrics: dict) -> None:
     type=click.Path(path_type=Path),
     help="Write the metrics and every sample's outcome to this JSON file.",
 )
-@click.option("--max-new-tokens", default=128, show_default=True, type=int)
+@click.option(
+    "--max-new-tokens",
+    default=128,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Longest answer, in tokens (generation stops earlier at end of text).",
+)
 @click.option(
     "--limit", default=None, type=click.IntRange(min=1), help="Evaluate only the first N samples."
 )
 @click.option(
-    "--batch-size", default=1, show_default=True, type=click.IntRange(min=1),
+    "--batch-size",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
     help="Requests per batch.",
 )
 @click.option(
@@ -85,12 +98,12 @@ def _print_metrics(metrics: dict) -> None:
     help="Guard policy JSON (default: the bundle's policy.json, if any).",
 )
 @click.option("--no-guard", is_flag=True, help="Every guard neutral: the unguarded baseline.")
-@click.option("--providers", default=None, help="e.g. tensorrt,cuda,cpu (default: best available).")
+@providers_option
 @click.option(
     "--text-chars",
     default=300,
     show_default=True,
-    type=int,
+    type=click.IntRange(min=0),
     help="Answer characters kept per sample in --json.",
 )
 @one_line_errors
@@ -161,9 +174,7 @@ def _convert_options(command: Callable) -> Callable:
         click.option(
             "--out", required=True, type=click.Path(path_type=Path), help="JSONL file to write."
         ),
-        click.option(
-            "--limit", type=click.IntRange(min=1), help="Keep at most N samples in all."
-        ),
+        click.option("--limit", type=click.IntRange(min=1), help="Keep at most N samples in all."),
         click.option(
             "--per-category",
             type=click.IntRange(min=1),
@@ -194,7 +205,7 @@ def _write(samples: list, out: Path, limit: int | None, per_category: int | None
 @_convert_options
 @click.option(
     "--variant",
-    type=click.Choice(["SD_TYPO", "SD", "TYPO", "text"]),
+    type=click.Choice(list(MMSB_VARIANTS)),
     default="SD_TYPO",
     show_default=True,
     help="Image variant (text: the text-only baseline, no image).",
@@ -224,7 +235,7 @@ def mmsafetybench_command(
 @_convert_options
 @click.option(
     "--subset",
-    type=click.Choice(["SafeBench", "SafeBench-Tiny"]),
+    type=click.Choice(list(FIGSTEP_SUBSETS)),
     default="SafeBench",
     show_default=True,
 )
@@ -258,6 +269,7 @@ def figstep_command(
 @_convert_options
 @click.option(
     "--subsets",
+    type=CommaChoice(VLGUARD_SUBSETS, "VLGuard subset"),
     default="unsafes,safe_unsafes,safe_safes",
     show_default=True,
     help="Comma-separated VLGuard subsets (each becomes a category).",
@@ -307,7 +319,13 @@ def jailbreakv_command(
 )
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Image or JSONL.")
 @click.option("--font", default=None, type=click.Path(path_type=Path), help="A TTF font file.")
-@click.option("--font-size", default=80, show_default=True, type=int, help="Largest font size.")
+@click.option(
+    "--font-size",
+    default=80,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest font size.",
+)
 @one_line_errors
 def render_figstep_command(
     text: str | None, jsonl: Path | None, out: Path, font: Path | None, font_size: int

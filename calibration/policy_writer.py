@@ -9,12 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vlmguard.errors import BundleError
-from vlmguard.export.guards.ptr import ptr_reference
 from vlmguard.export.families import family_for
 from vlmguard.export.graphs import decoder_plan
-from vlmguard.guards import GuardSettings, settings_record
+from vlmguard.export.guards.ptr import ptr_reference
 from vlmguard.export.onnx_io import convert_to_fp16, export_onnx
 from vlmguard.export.source import load_source, resolve_source
+from vlmguard.guards import GuardSettings, settings_record
 from vlmguard.manifest import read_manifest, write_manifest
 
 POLICY_FILE = "policy.json"  # the runtime's GuardedVLM.load reads it from a bundle

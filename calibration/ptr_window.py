@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from vlmguard.export.families import FamilySpec
-from vlmguard.guards import DEFAULT_PTR_K_FRACTION, PTR_REFERENCE_TEXT, GuardSettings
 from vlmguard.export.guards.decoder import GuardedDecoder
+from vlmguard.guards import DEFAULT_PTR_K_FRACTION, PTR_REFERENCE_TEXT, GuardSettings
 
 from .oh_sweep import run_trunk
 from .prompts import Batch, Encoded, batches, collate

@@ -12,8 +12,8 @@ import torch
 
 from vlmguard import __version__
 from vlmguard.export.families import family_for
-from vlmguard.guards import DEFAULT_PTR_K_FRACTION, GuardSettings
 from vlmguard.export.source import load_source, resolve_source
+from vlmguard.guards import DEFAULT_PTR_K_FRACTION, GuardSettings
 from vlmguard.runtime.policy import ALIGN_SAFETY_PREFIX, GuardPolicy
 
 from .align_strength import ALIGN_GAMMAS, layer_ranges, search_strength

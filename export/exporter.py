@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vlmguard import __version__
-from vlmguard.errors import OutputExistsError
+from vlmguard.errors import OutputExistsError, UsageError
 from vlmguard.guards import GuardSettings, TensorSpec, resolve_settings, settings_record
 from vlmguard.manifest import write_manifest
 
@@ -76,7 +76,7 @@ def export_bundle(
     safety detector graphs as onnx/safety_detector*.onnx with a "detector" manifest entry.
     """
     if dtype not in ("fp32", "fp16"):
-        raise ValueError(f"--dtype {dtype} is not supported; choose fp32 or fp16")
+        raise UsageError(f"--dtype {dtype} is not supported; choose fp32 or fp16")
     float_type = {"fp32": "float32", "fp16": "float16"}[dtype]
     out = Path(out)
     _check_output(out, force)

@@ -27,6 +27,8 @@ from transformers import (
 )
 from transformers.image_processing_backends import PilBackend
 
+from vlmguard.errors import OutputExistsError, UsageError
+
 VISION_TOWERS: tuple[str, ...] = ("clip", "siglip")
 TEXT_MODELS: tuple[str, ...] = ("llama", "mistral", "qwen2")
 SHAPES: tuple[str, ...] = ("tiny", "small")
@@ -116,9 +118,9 @@ _TINY_TEXT_EXTRAS: dict[str, dict[str, object]] = {
 
 
 def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
-    """Raise ValueError if `value` is not one of `choices`."""
+    """Raise UsageError (a ValueError) if `value` is not one of `choices`."""
     if value not in choices:
-        raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(choices)}")
+        raise UsageError(f"unknown {kind} {value!r}; choose one of {', '.join(choices)}")
 
 
 def _check_choices(vision: str, text: str, shape: str) -> None:
@@ -127,7 +129,7 @@ def _check_choices(vision: str, text: str, shape: str) -> None:
     _check_choice("text model", text, TEXT_MODELS)
     _check_choice("shape", shape, SHAPES)
     if shape == "small" and (vision, text) != ("siglip", "llama"):
-        raise ValueError(
+        raise UsageError(
             f"shape 'small' is only built as vision='siglip', text='llama' "
             f"(got vision={vision!r}, text={text!r})"
         )
@@ -249,7 +251,7 @@ def _prepare_out_dir(out_dir: Path, force: bool) -> None:
     """Create `out_dir`, refusing to write into a non-empty one unless `force`."""
     # With force, files of the same name are overwritten and any other files are left alone.
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{out_dir} exists and is not empty; pass force=True (CLI: --force) to overwrite"
         )
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
-"""Click commands for the safety detector: `detector export` and `detect`.
+"""Click commands for the safety detector: `detect` and `detector export`.
 
-`detector` (a group) and `detect` are plain click objects; the main `vlmguard` group
-registers them. `detect` stays torch-free; `detector export` imports the exporter lazily.
+The main `vlmguard` group registers both: `vlmguard detect` is a user command (score images),
+`vlmguard detector export` a developer tool (build a detector; `vlmguard export --detector`
+is the usual way a bundle gets one). `detect` stays torch-free; `detector export` needs the
+export extra and imports the exporter lazily.
 """
 
 from __future__ import annotations
@@ -11,32 +13,57 @@ from pathlib import Path
 
 import click
 
-from vlmguard.errors import one_line_errors
+from vlmguard.cli_support import CommaChoice, providers_option
+from vlmguard.errors import InputNotFoundError, one_line_errors, require_extra
+
+from .quantize import QUANTIZE_MODES, parse_quantize
 
 __all__ = ["detector", "detect"]
 
+
 @click.group("detector")
 def detector() -> None:
-    """Build CLIP/SigLIP safety detectors (global cosine and OT patch scores)."""
+    """Build CLIP/SigLIP safety detectors (score images with `vlmguard detect`)."""
 
 
 @detector.command("export")
 @click.argument("source")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Directory to write detector_config.json and onnx/ into.")
-@click.option("--concepts", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Concept bank JSON (default: the packaged bank, or the detector's own).")
-@click.option("--quantize", default="int8", show_default=True,
-              help="Extra variants: int8, qdq, fp16 or none; comma-separate several.")
-@click.option("--calibration-images", type=click.Path(file_okay=False, path_type=Path),
-              default=None, help="Directory of images to calibrate qdq (default: synthetic).")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write detector_config.json and onnx/ into.",
+)
+@click.option(
+    "--concepts",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Concept bank JSON (default: the packaged bank, or the detector's own).",
+)
+@click.option(
+    "--quantize",
+    type=CommaChoice(QUANTIZE_MODES, "quantize mode", none_alone=False),
+    default="int8",
+    show_default=True,
+    help="Extra variants besides fp32: int8 (CPU), qdq (TensorRT), fp16 (CUDA).",
+)
+@click.option(
+    "--calibration-images",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory of images to calibrate qdq (default: synthetic).",
+)
 @one_line_errors
 def export_command(
-    source: str, out_dir: Path, concepts: Path | None, quantize: str,
+    source: str,
+    out_dir: Path,
+    concepts: Path | None,
+    quantize: str,
     calibration_images: Path | None,
 ) -> None:
     """Export SOURCE (a CLIP/SigLIP checkpoint, hub id in the cache, or `default`) to ONNX."""
-    from .quantize import parse_quantize
+    require_extra("export")
 
     parse_quantize(quantize)
     images = _image_files(calibration_images) if calibration_images else None
@@ -44,8 +71,10 @@ def export_command(
 
     manifest = export_detector(source, out_dir, concepts, quantize, None, images)
     path = write_detector_dir(manifest, out_dir)
-    click.echo(f"wrote {path} ({', '.join(manifest['files'])}; "
-               f"{len(manifest['concepts'])} concept categories)")
+    click.echo(
+        f"wrote {path} ({', '.join(manifest['files'])}; "
+        f"{len(manifest['concepts'])} concept categories)"
+    )
 
 
 def _image_files(directory: Path) -> list[Path]:
@@ -53,7 +82,7 @@ def _image_files(directory: Path) -> list[Path]:
     suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() in suffixes)
     if not files:
-        raise FileNotFoundError(f"no images in {directory}; give PNG or JPEG calibration images.")
+        raise InputNotFoundError(f"no images in {directory}; give PNG or JPEG calibration images.")
     return files
 
 
@@ -66,27 +95,54 @@ def _heatmap_path(base: Path, index: int, count: int) -> Path:
 @click.argument("detector_or_bundle")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per image.")
-@click.option("--heatmap", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write a per-patch OT score heatmap PNG (numbered for several images).")
-@click.option("--provider", "providers", multiple=True,
-              help="ONNX Runtime provider, in priority order (default: CPUExecutionProvider).")
-@click.option("--variant", type=click.Choice(["fp32", "int8", "qdq", "fp16"]), default=None,
-              help="Force a graph variant instead of picking one for the providers.")
-@click.option("--method", type=click.Choice(["ot", "global", "any"]), default=None,
-              help="Which score decides (default: the detector's policy).")
-@click.option("--top-k", default=3, show_default=True, help="How many concepts to report.")
+@click.option(
+    "--heatmap",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a per-patch OT score heatmap PNG (numbered for several images).",
+)
+@providers_option
+@click.option(
+    "--variant",
+    type=click.Choice(["fp32", "int8", "qdq", "fp16"]),
+    default=None,
+    help="Force a graph variant instead of picking one for the providers.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["ot", "global", "any"]),
+    default=None,
+    help="Which score decides (default: the detector's policy).",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="How many concepts to report.",
+)
 @one_line_errors
 def detect(
-    detector_or_bundle: str, images: tuple[str, ...], as_json: bool, heatmap: Path | None,
-    providers: tuple[str, ...], variant: str | None, method: str | None, top_k: int,
+    detector_or_bundle: str,
+    images: tuple[str, ...],
+    as_json: bool,
+    heatmap: Path | None,
+    providers: str | None,
+    variant: str | None,
+    method: str | None,
+    top_k: int,
 ) -> None:
     """Score IMAGES with a detector directory, a bundle, or `default`."""
     from vlmguard.runtime.detector import SafetyDetector
     from vlmguard.runtime.detector_heatmap import render_heatmap
     from vlmguard.runtime.image_preprocess import model_view
+    from vlmguard.runtime.providers import resolve_providers
 
     model = SafetyDetector.load(
-        detector_or_bundle, providers or None, variant, {"method": method} if method else None
+        detector_or_bundle,
+        resolve_providers(providers),
+        variant,
+        {"method": method} if method else None,
     )
     results = []
     for index, image in enumerate(images):
@@ -94,8 +150,12 @@ def detect(
         record = detection.to_json()
         if heatmap is not None:
             path = _heatmap_path(heatmap, index, len(images))
-            render_heatmap(model_view(image, model.preprocessor), detection.patch_scores,
-                           model.thresholds["ot"], path)
+            render_heatmap(
+                model_view(image, model.preprocessor),
+                detection.patch_scores,
+                model.thresholds["ot"],
+                path,
+            )
             record["heatmap"] = str(path)
         results.append(record)
     if as_json:
@@ -110,7 +170,9 @@ def _summary(record: dict) -> str:
     verdict = "UNSAFE" if record["unsafe"] else "safe"
     key = "global" if record["method"] == "global" else "ot"
     concepts = ", ".join(f"{c['name']} {c[key]:.3f}" for c in record["top_concepts"])
-    line = (f"{record['image']}: {verdict} (ot {record['score_ot']:.3f} / "
-            f"{record['thresholds']['ot']:.3f}, global {record['score_global']:.3f} / "
-            f"{record['thresholds']['global']:.3f}, method {record['method']}) top: {concepts}")
+    line = (
+        f"{record['image']}: {verdict} (ot {record['score_ot']:.3f} / "
+        f"{record['thresholds']['ot']:.3f}, global {record['score_global']:.3f} / "
+        f"{record['thresholds']['global']:.3f}, method {record['method']}) top: {concepts}"
+    )
     return line + (f" heatmap: {record['heatmap']}" if "heatmap" in record else "")

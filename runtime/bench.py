@@ -42,13 +42,14 @@ class BenchSettings:
 
     def validate(self) -> None:
         """Refuse settings that cannot give a figure."""
+        flags = {"new_tokens": "max-new-tokens"}  # the CLI's name for the answer length
         for name in ("prompt_tokens", "new_tokens", "image_size", "runs"):
             if getattr(self, name) < 1:
-                raise BenchError(f"--{name.replace('_', '-')} must be at least 1")
+                raise BenchError(f"--{flags.get(name, name.replace('_', '-'))} must be at least 1")
         if self.warmup < 0:
             raise BenchError("--warmup must be 0 or more")
         if self.new_tokens < 2:
-            raise BenchError("--new-tokens must be at least 2 to time a decode step")
+            raise BenchError("--max-new-tokens must be at least 2 to time a decode step")
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -67,11 +68,28 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 def bench_prompt(vlm: GuardedVLM, tokens: int) -> str:
-    """User text of at least `tokens` tokens (and as few more as the words allow)."""
-    words: list[str] = []
-    while len(vlm.prompts.tokenizer.encode(" ".join(words), add_special_tokens=False).ids) < tokens:
-        words.append(PROMPT_WORDS[len(words) % len(PROMPT_WORDS)])
-    return " ".join(words)
+    """User text of at least `tokens` tokens (and as few more as the words allow).
+
+    The fewest words that reach the count, found by doubling then bisecting: O(log n) encodes
+    instead of one per word (10,000 tokens took 49 s word by word).
+    """
+
+    def text(n: int) -> str:
+        return " ".join(PROMPT_WORDS[i % len(PROMPT_WORDS)] for i in range(n))
+
+    def count(n: int) -> int:
+        return len(vlm.prompts.tokenizer.encode(text(n), add_special_tokens=False).ids)
+
+    if tokens <= 0:
+        return ""
+    high = 1
+    while count(high) < tokens:
+        high *= 2
+    low = high // 2  # count(low) < tokens, or low == 0
+    while low + 1 < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if count(middle) >= tokens else (middle, high)
+    return text(high)
 
 
 def bench_image(size: int, seed: int = 0) -> Image.Image:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vlmguard.errors import VlmguardError
+from vlmguard.errors import BundleError, UsageError, VlmguardError
 
 ImageInput = str | os.PathLike | bytes | bytearray | Image.Image | np.ndarray
 
@@ -61,7 +61,7 @@ class ImageFileNotFoundError(VlmguardError, FileNotFoundError):
     """An image path the user passed does not exist."""
 
 
-class ProcessorConfigError(ValueError):
+class ProcessorConfigError(BundleError, ValueError):
     """A preprocessor_config.json dict uses a size rule or value this module does not support."""
 
 
@@ -85,7 +85,7 @@ def _check_limit(max_pixels: int | None) -> None:
     if max_pixels is not None and (
         isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1
     ):
-        raise ValueError(f"max_pixels must be a positive int or None, not {max_pixels!r}")
+        raise UsageError(f"max_pixels must be a positive int or None, not {max_pixels!r}")
 
 
 def _check_pixels(name: str, width: int, height: int, max_pixels: int | None) -> None:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlmguard.errors import UsageError
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -19,11 +21,11 @@ class Sampling:
     def __post_init__(self) -> None:
         """Refuse settings no sampler can honour."""
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
+            raise UsageError(f"temperature must be >= 0, not {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, not {self.top_k}")
+            raise UsageError(f"top_k must be >= 1, not {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], not {self.top_p}")
+            raise UsageError(f"top_p must be in (0, 1], not {self.top_p}")
 
 
 def pick_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:

@@ -102,7 +102,7 @@ def test_bench_cli_writes_the_documented_json(tiny_setup, tmp_path):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     args = [
         "bench", str(setup.bundles["guarded"]), "--baseline", str(setup.bundles["plain"]),
-        "--runs", "2", "--warmup", "0", "--new-tokens", "3", "--prompt-tokens", "8",
+        "--runs", "2", "--warmup", "0", "--max-new-tokens", "3", "--prompt-tokens", "8",
         "--image-size", "32", "--providers", "cpu", "--json", str(out), "--plot", str(plot),
     ]  # fmt: skip
     result = CliRunner().invoke(main, args)

@@ -28,8 +28,8 @@ from vlmguard.calibration.ptr_window import make_decoder
 from vlmguard.calibration.thresholds import kde_crossing, rates, threshold_at_fpr
 from vlmguard.export.exporter import export_bundle
 from vlmguard.export.families import LLAVA
-from vlmguard.guards import GuardSettings
 from vlmguard.export.tiny_model import build_tiny_llava
+from vlmguard.guards import GuardSettings
 from vlmguard.manifest import read_manifest, sha256_file
 from vlmguard.runtime.guarded_vlm import GuardedVLM
 

@@ -19,10 +19,10 @@ from support import (
 )
 from transformers import AttentionInterface
 
-from vlmguard.export.guards.ptr import ptr_reference
 from vlmguard.export.families import LLAVA
-from vlmguard.guards import PTR_REFERENCE_TEXT, GuardSettings
 from vlmguard.export.guards.decoder import GuardedDecoder
+from vlmguard.export.guards.ptr import ptr_reference
+from vlmguard.guards import PTR_REFERENCE_TEXT, GuardSettings
 
 TOL = 1e-4
 ALIGN_LAYER, ALIGN_GAMMA = 1, 0.8

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import click
 
+from vlmguard.cli_support import providers_option
+from vlmguard.errors import require_extra
+
 BENCH_SCHEMA = 1
 
 
@@ -47,7 +50,7 @@ def _bandwidth(on_gpu: bool) -> float | None:
 def run_bench(
     bundle: Path,
     settings: object,
-    providers: list[str] | None,
+    providers: list[str] | str | None,
     policy: object,
     baseline: Path | None,
     source: str | None,
@@ -151,14 +154,17 @@ def print_bench(record: dict, console: object) -> None:
     """The human summary: stage table, ratios, peers, roofline."""
     from rich.table import Table
 
-    table = Table(title=f"vlmguard bench: {record['bundle']}")
-    table.add_column("stage")
-    for column in ("guarded p50", "p90", "p99", "neutral p50", "guard ratio"):
-        table.add_column(column, justify="right")
+    # No box, headers on two lines: the table fits 80 columns with nothing cut.
+    table = Table(
+        title=f"vlmguard bench: {record['bundle']}", box=None, header_style="bold", pad_edge=False
+    )
+    table.add_column("stage", no_wrap=True)
+    columns = ["guarded\np50", "\np90", "\np99", "neutral\np50", "guard\nratio"]
     has_base = "baseline" in record
     if has_base:
-        table.add_column("unguarded export p50", justify="right")
-        table.add_column("guarded / unguarded", justify="right")
+        columns += ["unguarded\nexport p50", "guarded /\nunguarded"]
+    for column in columns:
+        table.add_column(column, justify="right")
     names = [*record["guarded"]["stages"], "ttft", "end_to_end"]
     for name in names:
         figures = _figures(record["guarded"], name)
@@ -245,22 +251,50 @@ def plot_bench(record: dict, out: Path) -> None:
 @click.option("--model-shape", type=click.Choice(["tiny", "small"]),
               help="Build the random reference model of this shape (and its plain and guarded "
                    "bundles) and bench it; `small` is SmolVLM-256M-shaped.")  # fmt: skip
-@click.option("--providers", help="Comma-separated ONNX Runtime providers (default: best found).")
-@click.option("--policy", "policy_file", type=click.Path(exists=True, path_type=Path),
-              help="Policy JSON for the guarded runs (default: the bundle's own, else defaults).")
-@click.option("--baseline", type=click.Path(path_type=Path),
-              help="An unguarded export of the same model (`--defenses none`) to time against.")
+@providers_option
+@click.option(
+    "--policy",
+    "policy_file",
+    type=click.Path(exists=True, path_type=Path),
+    help="Policy JSON for the guarded runs (default: the bundle's own, else defaults).",
+)
+@click.option(
+    "--baseline",
+    type=click.Path(path_type=Path),
+    help="An unguarded export of the same model (`--defenses none`) to time against.",
+)
 @click.option("--prompt-tokens", default=64, show_default=True, help="Tokens of user text.")
-@click.option("--new-tokens", default=32, show_default=True, help="Tokens decoded per request.")
+@click.option(
+    "--max-new-tokens",
+    "new_tokens",
+    default=32,
+    show_default=True,
+    help="Answer length: tokens decoded per request (end of text is ignored).",
+)
+@click.option(
+    "--new-tokens",
+    "old_new_tokens",
+    type=int,
+    default=None,
+    hidden=True,
+    help="Old name of --max-new-tokens.",
+)
 @click.option("--image-size", default=336, show_default=True, help="Side of the input image.")
 @click.option("--runs", default=10, show_default=True, help="Timed requests per configuration.")
 @click.option("--warmup", default=2, show_default=True, help="Untimed requests first.")
-@click.option("--vs-torch", "vs_torch", metavar="SOURCE",
-              help="Also time transformers' eager generate on this checkpoint (needs [export]); "
-                   "'auto': the --model-shape checkpoint or the one the bundle was exported from.")
-@click.option("--vs-genai", is_flag=True,
-              help="Also time onnxruntime-genai on the same language model, built from the "
-                   "--vs-torch SOURCE (or as 'auto' finds it).")
+@click.option(
+    "--vs-torch",
+    "vs_torch",
+    metavar="SOURCE",
+    help="Also time transformers' eager generate on this checkpoint (needs [export]); "
+    "'auto': the --model-shape checkpoint or the one the bundle was exported from.",
+)
+@click.option(
+    "--vs-genai",
+    is_flag=True,
+    help="Also time onnxruntime-genai on the same language model, built from the "
+    "--vs-torch SOURCE (or as 'auto' finds it).",
+)
 @click.option("--workdir", type=click.Path(path_type=Path),
               help="Where reference models and peer builds are kept (default ~/.cache/vlmguard/"
                    "bench).")  # fmt: skip
@@ -274,6 +308,7 @@ def bench_command(
     baseline: Path | None,
     prompt_tokens: int,
     new_tokens: int,
+    old_new_tokens: int | None,
     image_size: int,
     runs: int,
     warmup: int,
@@ -298,15 +333,25 @@ def bench_command(
     from vlmguard.runtime.policy import GuardPolicy
 
     console = Console(stderr=True)
+    if old_new_tokens is not None:
+        new_tokens = old_new_tokens
     settings = BenchSettings(prompt_tokens, new_tokens, image_size, runs, warmup)
     settings.validate()
     if (bundle is None) == (model_shape is None):
         raise click.UsageError("give either a BUNDLE or --model-shape tiny|small")
+    if model_shape is not None or vs_torch or vs_genai:
+        require_extra("export")  # the reference build and the peers run torch
+    if plot_out is not None:
+        require_extra("plot")  # before the run, not after it
     if workdir is None:
         from vlmguard.export.bench_peers import BENCH_CACHE
 
         workdir = BENCH_CACHE
     source = None if vs_torch == "auto" else vs_torch
+    if source is not None:
+        from vlmguard.export.source import resolve_source
+
+        resolve_source(source)  # a peer that cannot be found is an error, not "not measured"
     if model_shape is not None:
         from vlmguard.export.bench_peers import build_reference
 
@@ -322,16 +367,17 @@ def bench_command(
                 "give --vs-torch SOURCE"
             )
     policy = GuardPolicy.load(policy_file) if policy_file else None
-    provider_list = [p.strip() for p in providers.split(",")] if providers else None
     record = run_bench(
-        bundle, settings, provider_list, policy, baseline, source, bool(vs_torch), vs_genai,
+        bundle, settings, providers, policy, baseline, source, bool(vs_torch), vs_genai,
         workdir / "peers" / _source_key(source),
         lambda step: console.print(f"· {step}"),
     )  # fmt: skip
     print_bench(record, Console())
     if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(record, indent=2) + "\n")
         console.print(f"wrote {json_out}")
     if plot_out is not None:
+        plot_out.parent.mkdir(parents=True, exist_ok=True)
         plot_bench(record, plot_out)
         console.print(f"wrote {plot_out}")

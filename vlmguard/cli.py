@@ -1,4 +1,4 @@
-"""The `vlmguard` command line: export bundles and build tiny reference models."""
+"""The `vlmguard` command line: the group, its user commands and its developer tools."""
 
 from __future__ import annotations
 
@@ -9,33 +9,67 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import one_line_errors
+from .cli_support import CommaChoice, providers_option
+from .errors import DEBUG_META, one_line_errors, require_extra
+from .guard_models.quantize import QUANTIZE_MODES
+from .guards import DECODER_GUARDS
+
+# `vlmguard --help` lists the commands in two sections, in this order.
+USER_COMMANDS = ("export", "run", "verify", "detect", "demo", "calibrate", "eval", "eval-data")
+DEVELOPER_TOOLS = ("tiny-model", "bench", "detector")
 
 
 class _Group(click.Group):
-    """A click group that prints the errors a user can cause as one line, not a traceback."""
+    """The `vlmguard` group: one-line user errors, help in user and developer sections."""
 
     def invoke(self, ctx: click.Context) -> object:
-        """Run the command, turning user-facing errors into one-line click errors."""
+        """Run the command, turning VlmguardErrors into one-line click errors."""
         return one_line_errors(super().invoke)(ctx)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """User commands first, then developer tools, then anything else by name."""
+        order = [*USER_COMMANDS, *DEVELOPER_TOOLS]
+        return sorted(self.commands, key=lambda n: (order.index(n) if n in order else 99, n))
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Two sections: the commands a user runs, and the tools for developing vlmguard."""
+        names = [n for n in self.list_commands(ctx) if not self.commands[n].hidden]
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(n) for n in names)
+        sections = {"User commands": [n for n in names if n in USER_COMMANDS]}
+        sections["Developer tools"] = [n for n in names if n not in USER_COMMANDS]
+        for title, members in sections.items():
+            if members:
+                rows = [(n, self.commands[n].get_short_help_str(limit)) for n in members]
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """Record --debug where every nested command's error handler finds it."""
+    if value:
+        ctx.meta[DEBUG_META] = True
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vlmguard")
+@click.option(
+    "--debug",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_debug,
+    help="Show the full traceback of every error (also: VLMGUARD_DEBUG=1).",
+)
 def main() -> None:
     """Training-free jailbreak guards for vision-language models, as ONNX bundles."""
 
 
 def _quiet_transformers() -> None:
     """Check the export extra is installed; silence transformers' bars under our display."""
-    try:
-        import torch  # noqa: F401
-        import transformers
-    except ImportError as err:
-        raise click.ClickException(
-            f"this command needs the export extra ({err.name} is missing): "
-            "pip install 'vlmguard[export]'"
-        ) from err
+    require_extra("export")
+    import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -64,9 +98,10 @@ def _parse_window(text: str | None) -> tuple[int, int] | None:
 )
 @click.option(
     "--defenses",
+    type=CommaChoice([*DECODER_GUARDS, "none"], "defense"),
     default="oh,ptr,align",
     show_default=True,
-    help="Comma-separated in-model guards to bake in (oh, ptr, align), or 'none'.",
+    help="Comma-separated in-model guards to bake in, or 'none'.",
 )
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option(
@@ -88,6 +123,7 @@ def _parse_window(text: str | None) -> tuple[int, int] | None:
 )
 @click.option(
     "--detector-quantize",
+    type=CommaChoice(QUANTIZE_MODES, "quantize mode", none_alone=False),
     default="int8",
     show_default=True,
     help="Detector variants besides fp32: int8 (CPU), qdq (TensorRT), fp16 (CUDA), or none.",
@@ -108,13 +144,14 @@ def export_command(
     """Export SOURCE (a checkpoint directory or a cached model id) to a guarded ONNX bundle."""
     from rich.console import Console
 
-    from .export.exporter import export_bundle
     from .guards import parse_defenses
 
     chosen = parse_defenses(defenses)
     window = _parse_window(ptr_window)
-    console = Console(stderr=True)
     _quiet_transformers()
+    from .export.exporter import export_bundle
+
+    console = Console(stderr=True)
     start = time.perf_counter()
     with console.status("starting") as status:
 
@@ -192,12 +229,24 @@ def _print_report(report: object, console: object) -> None:
     help="Image file (omit for a text-only turn).",
 )
 @click.option("--prompt", required=True, help="The user's question.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-k", type=int, default=None)
-@click.option("--top-p", type=float, default=None)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Longest answer, in tokens (generation stops earlier at end of text).",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="0 is greedy.",
+)
+@click.option("--top-k", type=click.IntRange(min=1), default=None)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None)
 @click.option("--seed", type=int, default=None)
-@click.option("--providers", default=None, help="e.g. tensorrt,cuda,cpu (default: best available).")
+@providers_option
 @click.option(
     "--policy",
     "policy_path",
@@ -330,7 +379,13 @@ def _demo_image(concept: str) -> object:
     default=None,
     help="Where the tiny model and bundle live (default: ~/.cache/vlmguard/demo).",
 )
-@click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Longest answer, in tokens.",
+)
 def demo_command(workdir: Path | None, max_new_tokens: int) -> None:
     """Build (or reuse) the tiny model, export it guarded, and answer a few requests."""
     from rich.console import Console
@@ -380,7 +435,7 @@ def demo_command(workdir: Path | None, max_new_tokens: int) -> None:
 
 
 def _register_subpackage_commands() -> None:
-    """Add the detector's (`detector export`, `detect`), calibration's and the bench command."""
+    """Add `detect` (a user command), `detector export` (a developer tool), calibration, bench."""
     from .bench_cli import bench_command
     from .calibration.cli import calibrate_command
     from .calibration.eval_cli import eval_command, eval_data

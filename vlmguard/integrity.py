@@ -35,7 +35,7 @@ from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BundleError
+from .errors import BundleError, UsageError
 from .manifest import MANIFEST_NAME, read_manifest, sha256_file
 
 MODES = ("sha256", "size")
@@ -59,7 +59,7 @@ def verify_bundle(
 ) -> VerifyResult:
     """Check a bundle's files against its guard_config.json; BundleError on the first fault."""
     if integrity not in MODES:
-        raise ValueError(f"integrity must be one of {', '.join(MODES)}, not {integrity!r}")
+        raise UsageError(f"integrity must be one of {', '.join(MODES)}, not {integrity!r}")
     started = time.perf_counter()
     bundle = Path(bundle)
     if manifest is None:
