@@ -9,14 +9,20 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmguard.errors import VlmguardError
+from .errors import CalibrationDataError
+
+__all__ = [
+    "LABELS",
+    "CalibrationDataError",
+    "Sample",
+    "data_hash",
+    "read_jsonl",
+    "read_samples",
+    "split_holdout",
+]
 
 LABELS = ("safe", "unsafe")
 _KEYS = {"image", "prompt", "label", "category", "id", "source"}
-
-
-class CalibrationDataError(VlmguardError):
-    """The calibration data file is missing, malformed or unusable."""
 
 
 @dataclass(frozen=True)

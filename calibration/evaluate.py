@@ -16,6 +16,7 @@ from pathlib import Path
 from vlmguard.errors import VlmguardError
 
 from .data import Sample, data_hash
+from .errors import CalibrationOptionError
 from .metrics import Outcome, metrics_by_category
 from .refusal_matcher import RefusalMatcher
 
@@ -74,7 +75,7 @@ def evaluate(
 ) -> list[Outcome]:
     """Answer every sample with `vlm` (a GuardedVLM), greedy, and judge each answer."""
     if batch_size < 1:
-        raise ValueError(f"the batch size must be at least 1, not {batch_size}")
+        raise CalibrationOptionError(f"the batch size must be at least 1, not {batch_size}")
     refusal = refusal or RefusalMatcher()
     outcomes = []
     for chunk in _chunks(list(samples), batch_size):

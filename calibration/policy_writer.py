@@ -1,8 +1,12 @@
-"""Write the policy file, and write it into a bundle (re-exporting the decoder if needed)."""
+"""Write the policy file, and write it into a bundle (re-exporting the decoder if needed).
+
+A bundle is never written in place: see `apply_to_bundle`.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -15,7 +19,7 @@ from vlmguard.export.guards.ptr import ptr_reference
 from vlmguard.export.onnx_io import convert_to_fp16, export_onnx
 from vlmguard.export.source import load_source, resolve_source
 from vlmguard.guards import GuardSettings, settings_record
-from vlmguard.manifest import read_manifest, write_manifest
+from vlmguard.manifest import MANIFEST_NAME, read_manifest, write_manifest
 
 POLICY_FILE = "policy.json"  # the runtime's GuardedVLM.load reads it from a bundle
 
@@ -54,28 +58,71 @@ def baked_settings(manifest: dict) -> GuardSettings:
 
 
 def reexport_decoder(
-    source: str | Path, bundle: Path, manifest: dict, settings: GuardSettings
+    source: str | Path, staging: Path, manifest: dict, settings: GuardSettings
 ) -> None:
-    """Export the guarded decoder with new settings, staged, then swap it into the bundle."""
+    """Export the guarded decoder with new settings into `staging`, a copy of the bundle."""
     loaded = load_source(resolve_source(str(source)))
     spec = family_for(loaded.model.config)
     reference = None
     if settings.ptr:
         reference = ptr_reference(spec, loaded.model, loaded.tokenizer, settings.ptr_window[0])
     plan = decoder_plan(spec, loaded.model, settings, reference)
-    target = bundle / manifest["graphs"]["decoder"]["file"]
+    target = staging / manifest["graphs"]["decoder"]["file"]
     fp16 = manifest.get("dtype") == "float16"
-    with tempfile.TemporaryDirectory(prefix=".calibration.", dir=bundle) as staging:
-        path = Path(staging) / (target.name.replace("_fp16", "") if fp16 else target.name)
+    scratch = Path(tempfile.mkdtemp(prefix=".decoder.", dir=staging.parent))
+    try:
+        path = scratch / (target.name.replace("_fp16", "") if fp16 else target.name)
         export_onnx(plan.module, plan.example, plan.inputs, plan.outputs, path)
         if fp16:
             path = convert_to_fp16(path)
         if path.name != target.name:
             raise BundleError(f"re-exported {path.name} does not match the bundle's {target.name}")
         for name in (target.name, target.name + "_data"):
-            (target.parent / name).unlink(missing_ok=True)
-            if (Path(staging) / name).is_file():
-                shutil.move(Path(staging) / name, target.parent / name)
+            (target.parent / name).unlink(missing_ok=True)  # a link: the bundle keeps its file
+            if (scratch / name).is_file():
+                (scratch / name).rename(target.parent / name)
+                (target.parent / name).chmod(0o644)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def stage_copy(bundle: Path, leave_out: set[str]) -> Path:
+    """A staging copy of `bundle` beside it: hard links (or copies) of all but `leave_out`.
+
+    Files the calibration rewrites are left out or unlinked before they are written, so
+    writing the copy never writes through a link into the bundle.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.calibration.", dir=bundle.parent))
+    try:
+        staging.chmod(bundle.stat().st_mode & 0o7777)
+        for path in sorted(bundle.rglob("*")):
+            relative = path.relative_to(bundle)
+            copy = staging / relative
+            if path.is_dir() and not path.is_symlink():
+                copy.mkdir()
+                copy.chmod(path.stat().st_mode & 0o7777)
+            elif relative.as_posix() not in leave_out:
+                try:
+                    os.link(path, copy, follow_symlinks=False)
+                except OSError:  # no hard links on this file system
+                    shutil.copy2(path, copy, follow_symlinks=False)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def swap_in(staging: Path, bundle: Path) -> None:
+    """Replace `bundle` by `staging` (two renames); on failure the bundle is put back."""
+    previous = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.previous.", dir=bundle.parent))
+    previous.rmdir()  # only its unique name is wanted
+    bundle.rename(previous)
+    try:
+        staging.rename(bundle)
+    except BaseException:
+        previous.rename(bundle)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def apply_to_bundle(
@@ -84,7 +131,12 @@ def apply_to_bundle(
     source: str | Path,
     on_step: Callable[[str], None] = lambda text: None,
 ) -> bool:
-    """Write the policy into a bundle and rehash it; returns whether the decoder was re-exported."""
+    """Write the policy into a bundle and rehash it; returns whether the decoder was re-exported.
+
+    As the exporter does, the new bundle is built in a staging directory beside it (hard links
+    of the unchanged files) and renamed into place at the end: a failure at any step leaves the
+    bundle as it was.
+    """
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     layers = manifest.get("model", {}).get("num_layers")
@@ -96,9 +148,6 @@ def apply_to_bundle(
         )
     settings = chosen_settings(manifest, document)
     changed = settings != baked_settings(manifest)
-    if changed:
-        on_step("re-exporting the decoder with the calibrated head and window")
-        reexport_decoder(source, bundle, manifest, settings)
     guards = settings_record(settings, layers)
     if settings.oh:
         guards["oh"]["threshold"] = document["policy"]["oh_threshold"]
@@ -108,8 +157,17 @@ def apply_to_bundle(
         "data_sha256": document["calibration"]["data"]["sha256"],
         "decoder_reexported": changed,
     }
-    write_policy(bundle / POLICY_FILE, document)
-    on_step("rehashing guard_config.json")
-    kept = {k: v for k, v in manifest.items() if k not in ("format_version", "files")}
-    write_manifest(bundle, kept)
+    target = bundle.resolve()
+    staging = stage_copy(target, {MANIFEST_NAME, POLICY_FILE})
+    try:
+        if changed:
+            on_step("re-exporting the decoder with the calibrated head and window")
+            reexport_decoder(source, staging, manifest, settings)
+        write_policy(staging / POLICY_FILE, document).chmod(0o644)
+        on_step("rehashing guard_config.json")
+        kept = {k: v for k, v in manifest.items() if k not in ("format_version", "files")}
+        write_manifest(staging, kept).chmod(0o644)
+        swap_in(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return changed

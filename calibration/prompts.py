@@ -1,22 +1,44 @@
-"""Samples -> merged input embeddings and guard rows, as the runtime lays a prompt out.
+"""Samples -> the runtime's token ids, guard rows and pixels, merged into embeddings by torch.
 
-The text is the source processor's chat template with the generation prompt; image features are
-scattered into the `<image>` rows (the merged-embedding path of the exported bundle). Rows of
-the user's instruction and of a safety prefix are found from the tokenizer's character offsets.
+Calibration lays a prompt out exactly as the runtime does, with the runtime's own code:
+`PromptBuilder` (a bundle's tokenizer.json, tokenizer_config.json, chat_template.jinja and the
+manifest's image and special-token facts) gives the ids with the image token expanded by the
+runtime family's rule and the image, instruction and safety-prefix rows, tokenizing the user's
+text as text; and the runtime family's `preprocess` (the bundle's preprocessor_config.json) gives
+the pixel values, with the EXIF orientation applied and transparency composited as the runtime
+does. Torch only runs the
+model: the embedding lookup, the vision graph's module on those pixels, then the decoder.
+
+With a bundle, its files are used. Without one, the exporter's own functions write the files it
+would put in a bundle into a temporary directory, and the builder is read from there, so there
+is one prompt layout: the runtime's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
 
-from vlmguard.export.families import FamilySpec
-from vlmguard.runtime.prompting import token_rows_in_span
+from vlmguard.errors import BundleError
+from vlmguard.export.families import FamilySpec, family_for
+from vlmguard.export.graphs import VisionEncoder
+from vlmguard.export.source import LoadedSource, copy_processing_files
+from vlmguard.manifest import read_manifest
+from vlmguard.runtime.families import RuntimeFamily, runtime_family
+from vlmguard.runtime.image_preprocess import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageFileNotFoundError,
+    ImageInputError,
+)
+from vlmguard.runtime.prompting import EncodedPrompt, PromptBuilder, PromptError
 
 from .data import Sample
+from .errors import SampleError
 
 
 @dataclass
@@ -28,6 +50,8 @@ class Encoded:
     image_rows: torch.Tensor  # [S] bool
     instruction_rows: torch.Tensor  # [S] bool
     prefix_rows: torch.Tensor  # [S] bool
+    pad_id: int = 0  # the runtime's pad token, and its embedding (None: zeros)
+    pad_embed: torch.Tensor | None = None  # [D]
 
 
 @dataclass
@@ -39,10 +63,11 @@ class Batch:
     image_rows: torch.Tensor  # [B, S] int64
     instruction_rows: torch.Tensor  # [B, S] int64
     prefix_rows: torch.Tensor  # [B, S] int64
+    input_ids: torch.Tensor  # [B, S] int64, padded with the runtime's pad token
 
     @property
     def position_ids(self) -> torch.Tensor:
-        """Positions as transformers' generate derives them from the mask."""
+        """Positions as the runtime (and transformers' generate) derives them from the mask."""
         positions = self.attention_mask.cumsum(-1) - 1
         return positions.masked_fill(self.attention_mask == 0, 1)
 
@@ -50,7 +75,7 @@ class Batch:
         """The same batch on another device."""
         return Batch(*(t.to(device) for t in (
             self.embeds, self.attention_mask, self.image_rows, self.instruction_rows,
-            self.prefix_rows,
+            self.prefix_rows, self.input_ids,
         )))  # fmt: skip
 
     @property
@@ -59,86 +84,148 @@ class Batch:
         return self.embeds.shape[0]
 
 
-def _span_rows(offsets: list[tuple[int, int]], span: tuple[int, int]) -> list[bool]:
-    """Per token, whether it overlaps a character span (the runtime's rule, as booleans)."""
-    inside = set(token_rows_in_span(offsets, span))
-    return [i in inside for i in range(len(offsets))]
+@dataclass(frozen=True)
+class RuntimeInputs:
+    """What the runtime reads from a bundle to lay a request out: its prompt builder and family."""
+
+    prompts: PromptBuilder
+    family: RuntimeFamily
+    where: str  # the bundle, or what the files were made from, for messages
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # GuardedVLM's default limit
+
+    @classmethod
+    def from_bundle(cls, bundle: str | Path, manifest: dict | None = None) -> RuntimeInputs:
+        """The prompt builder and preprocessor config a GuardedVLM on `bundle` would use."""
+        bundle = Path(bundle)
+        manifest = read_manifest(bundle) if manifest is None else manifest
+        family = runtime_family(bundle, manifest)
+        return cls(
+            PromptBuilder.from_bundle(bundle, manifest, family.expand_image), family, str(bundle)
+        )
+
+    @classmethod
+    def from_source(cls, loaded: LoadedSource) -> RuntimeInputs:
+        """The same, from the files the exporter would write for `loaded` (in a temporary dir)."""
+        config = loaded.model.config
+        with tempfile.TemporaryDirectory(prefix="vlmguard-calibration-") as directory:
+            special_tokens = copy_processing_files(loaded, Path(directory))
+            manifest = {
+                "model": family_for(config).model_record(config),
+                "special_tokens": special_tokens,
+            }
+            inputs = cls.from_bundle(directory, manifest)
+        return cls(inputs.prompts, inputs.family, str(loaded.path))
+
+
+def _sample_name(sample: Sample) -> str:
+    """How an error names a sample: its line in the JSONL and its id, if it has one."""
+    name = f"sample on line {sample.line}" if sample.line else "sample"
+    return f"{name} (id {sample.id})" if sample.id else name
 
 
 class PromptEncoder:
-    """Encodes samples with a loaded source's processor, tokenizer and model."""
+    """Encodes samples on the runtime's input path; the source model only runs the forward."""
 
-    def __init__(self, spec: FamilySpec, model: torch.nn.Module, processor: object) -> None:
+    def __init__(self, spec: FamilySpec, model: torch.nn.Module, inputs: RuntimeInputs) -> None:
         self.spec = spec
         self.model = model
-        self.processor = processor
-        self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.image_token_id = getattr(model.config, spec.image_token_field)
-        self.tokens_per_image = spec.num_image_tokens(model.config)
+        self.inputs = inputs
+        self.prompts = inputs.prompts
         self.embed = spec.resolve(model, spec.embed_tokens)
-
-    def _text(self, user_text: str, with_image: bool) -> str:
-        """The chat template applied to one user turn, with the generation prompt."""
-        content = [{"type": "image"}] if with_image else []
-        content.append({"type": "text", "text": user_text})
-        conversation = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
-
-    def _features(self, image_path: object) -> torch.Tensor:
-        """Projected image features [tokens, D] for one image file."""
-        image = Image.open(image_path).convert("RGB")
-        pixels = self.processor.image_processor(images=[image], return_tensors="pt")
+        self.vision = VisionEncoder(spec, model)
+        image = spec.model_record(model.config)["image"]
+        laid_out = {"token_id": self.prompts.image_token_id}
+        laid_out["tokens_per_image"] = self.prompts.tokens_per_image
+        if any(image[key] != value for key, value in laid_out.items()):
+            raise BundleError(
+                f"{inputs.where} lays an image out as {laid_out}, the model as "
+                f"{ {key: image[key] for key in laid_out} }: pass the bundle exported from "
+                "this model"
+            )
+        self.image_token_id = self.prompts.image_token_id
+        self.tokens_per_image = self.prompts.tokens_per_image
+        pad = torch.tensor([self.prompts.pad_token_id], device=self.embed.weight.device)
         with torch.no_grad():
-            pixel_values = pixels["pixel_values"].to(self.embed.weight.device)
-            out = self.model.get_image_features(pixel_values)
-        features = getattr(out, "pooler_output", out)
-        return torch.cat(list(features)) if isinstance(features, list | tuple) else features[0]
+            self.pad_embed = self.embed(pad)[0].cpu()
+
+    @classmethod
+    def for_source(cls, loaded: LoadedSource, bundle: str | Path | None = None) -> PromptEncoder:
+        """An encoder with `bundle`'s files, or (None) the files the exporter would write."""
+        inputs = RuntimeInputs.from_bundle(bundle) if bundle else RuntimeInputs.from_source(loaded)
+        return cls(family_for(loaded.model.config), loaded.model, inputs)
+
+    def pixel_values(self, sample: Sample) -> np.ndarray | None:
+        """The (1, 3, H, W) float32 pixels GuardedVLM makes of the sample's image (None: none)."""
+        if sample.image is None:
+            return None
+        try:
+            return self.inputs.family.preprocess(sample.image, self.inputs.max_image_pixels)
+        except (ImageInputError, ImageFileNotFoundError) as err:
+            raise SampleError(f"{_sample_name(sample)}: {err}") from None
+
+    def prompt(self, sample: Sample, safety_prefix: str | None = None) -> EncodedPrompt:
+        """The runtime's ids and guard rows of the sample's prompt (with a safety prefix)."""
+        try:
+            return self.prompts.encode(sample.prompt, sample.image is not None, safety_prefix)
+        except PromptError as err:
+            raise SampleError(f"{_sample_name(sample)}: {err}") from None
+
+    def features(self, pixels: np.ndarray) -> torch.Tensor:
+        """Projected image features [tokens, D]: the vision graph's module on the pixels."""
+        weight = self.embed.weight
+        with torch.no_grad():
+            return self.vision.flat_forward(torch.from_numpy(pixels).to(weight.device))[0]
+
+    def encode_variants(
+        self, sample: Sample, safety_prefixes: Sequence[str | None]
+    ) -> list[Encoded]:
+        """The sample encoded once per safety prefix, its image preprocessed and encoded once."""
+        pixels = self.pixel_values(sample)
+        features = None if pixels is None else self.features(pixels)
+        return [self._merge(self.prompt(sample, p), features) for p in safety_prefixes]
 
     def encode(self, sample: Sample, safety_prefix: str | None = None) -> Encoded:
         """Token ids, merged embeddings and guard rows of one sample's prompt."""
-        prefix = safety_prefix or ""
-        if prefix and not prefix[-1].isspace():
-            prefix += " "
-        user_text = prefix + sample.prompt
-        text = self._text(user_text, sample.image is not None)
-        start = text.rfind(user_text)
-        enc = self.tokenizer(text, return_offsets_mapping=True)
-        offsets = [tuple(o) for o in enc["offset_mapping"]]
-        spans = {
-            "prefix": _span_rows(offsets, (start, start + len(prefix.rstrip()))),
-            "instruction": _span_rows(offsets, (start + len(prefix), start + len(user_text))),
-        }
-        ids, image, instruction, in_prefix = [], [], [], []
-        for index, token in enumerate(enc["input_ids"]):
-            copies = self.tokens_per_image if token == self.image_token_id else 1
-            ids += [token] * copies
-            image += [token == self.image_token_id] * copies
-            instruction += [spans["instruction"][index] and copies == 1] * copies
-            in_prefix += [spans["prefix"][index] and copies == 1] * copies
-        ids_t = torch.tensor(ids)
+        return self.encode_variants(sample, [safety_prefix])[0]
+
+    def _merge(self, prompt: EncodedPrompt, features: torch.Tensor | None) -> Encoded:
+        """Embed the ids and put the image features in the image rows, as the runtime does."""
+        ids = torch.tensor(prompt.input_ids, dtype=torch.int64)
+
+        def rows(indices: list[int]) -> torch.Tensor:
+            mask = torch.zeros(len(ids), dtype=torch.bool)
+            mask[torch.tensor(indices, dtype=torch.int64)] = True
+            return mask
+
+        image = rows(prompt.image_rows)
         with torch.no_grad():
-            embeds = self.embed(ids_t[None].to(self.embed.weight.device))[0].cpu()
-            if sample.image is not None:
-                embeds[torch.tensor(image)] = self._features(sample.image).cpu().to(embeds.dtype)
+            embeds = self.embed(ids[None].to(self.embed.weight.device))[0]
+            if features is not None:
+                embeds[image.to(embeds.device)] = features.to(embeds.dtype)
         return Encoded(
-            ids_t, embeds, torch.tensor(image), torch.tensor(instruction), torch.tensor(in_prefix)
-        )
+            ids, embeds.cpu(), image, rows(prompt.instruction_rows), rows(prompt.prefix_rows),
+            self.prompts.pad_token_id, self.pad_embed,
+        )  # fmt: skip
 
 
 def collate(items: list[Encoded]) -> Batch:
-    """Left-pad encoded prompts into one batch."""
+    """Left-pad encoded prompts into one batch, as the runtime's `PromptBuilder.pad_batch`."""
     length = max(item.embeds.shape[0] for item in items)
-    width = items[0].embeds.shape[1]
-    embeds = torch.zeros(len(items), length, width, dtype=items[0].embeds.dtype)
+    first = items[0]
+    embeds = torch.zeros(len(items), length, first.embeds.shape[1], dtype=first.embeds.dtype)
+    if first.pad_embed is not None:  # the runtime embeds its pad ids; the mask hides them
+        embeds[:] = first.pad_embed.to(embeds.dtype)
+    input_ids = torch.full((len(items), length), first.pad_id, dtype=torch.int64)
     masks = {k: torch.zeros(len(items), length, dtype=torch.int64) for k in range(4)}
     for row, item in enumerate(items):
         pad = length - item.embeds.shape[0]
         embeds[row, pad:] = item.embeds
+        input_ids[row, pad:] = item.input_ids
         masks[0][row, pad:] = 1
         masks[1][row, pad:] = item.image_rows.long()
         masks[2][row, pad:] = item.instruction_rows.long()
         masks[3][row, pad:] = item.prefix_rows.long()
-    return Batch(embeds, masks[0], masks[1], masks[2], masks[3])
+    return Batch(embeds, masks[0], masks[1], masks[2], masks[3], input_ids)
 
 
 def batches(items: list[Encoded], size: int, device: str = "cpu") -> Iterator[Batch]:

@@ -19,6 +19,7 @@ from vlmguard.runtime.policy import ALIGN_SAFETY_PREFIX, GuardPolicy
 from .align_strength import ALIGN_GAMMAS, layer_ranges, search_strength
 from .data import data_hash, read_samples, split_holdout
 from .detector_scores import detector_scores, detector_thresholds
+from .errors import CalibrationOptionError
 from .oh_sweep import SAFE_PERCENTILE, HeadChoice, guarded_angles, select_head, sweep_angles
 from .prompts import PromptEncoder, batches
 from .ptr_window import (
@@ -61,6 +62,39 @@ class CalibrationResult:
         return GuardPolicy.from_dict(self.document["policy"])
 
 
+def check_device(device: str) -> torch.device:
+    """The torch device calibration runs on, or a one-line error if this torch cannot use it."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CalibrationOptionError(
+            f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N"
+        ) from None
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type != "cuda":
+        kind = resolved.type  # mps, xpu, ...: torch.mps or torch.backends.mps says
+        backend = getattr(torch, kind, None) or getattr(torch.backends, kind, None)
+        if not getattr(backend, "is_available", lambda: False)():
+            raise CalibrationOptionError(
+                f"--device {device}: this torch cannot run on {resolved.type}; use cpu or cuda"
+            )
+        return resolved
+    if not torch.cuda.is_available():
+        build = "is a CPU-only build" if torch.version.cuda is None else "finds no CUDA device"
+        raise CalibrationOptionError(
+            f"--device {device}: torch {torch.__version__} {build}; "
+            "use --device cpu, or install a CUDA build of torch"
+        )
+    index = resolved.index
+    if index is not None and index >= torch.cuda.device_count():
+        raise CalibrationOptionError(
+            f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s); "
+            f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
+    return resolved
+
+
 def _oh_record(
     head: HeadChoice, scores: np.ndarray, threshold: float, unsafe: np.ndarray, held: np.ndarray
 ) -> dict:
@@ -97,19 +131,23 @@ def calibrate(
     ptr_widths: tuple[int, ...] = PTR_WIDTHS,
     align_gammas: tuple[float, ...] = ALIGN_GAMMAS,
     detector: str | Path | None = None,
+    bundle: str | Path | None = None,
     oh_with_ptr: bool = True,
     device: str = "cpu",
     progress: Progress = no_progress,
 ) -> CalibrationResult:
     """Sweep Oh's heads, rank SafePTR windows and GuardAlign strengths, set the thresholds.
 
-    With `oh_with_ptr` (bundles carrying SafePTR), the chosen head's threshold is set on the
-    angle the exported decoder outputs with the chosen window pruning at `k_fraction`.
+    Prompts and images are laid out by the runtime's own code, from `bundle`'s files when one
+    is given, else from the files the exporter would write (see `prompts.py`). With
+    `oh_with_ptr` (bundles carrying SafePTR), the chosen head's threshold is set on the angle
+    the exported decoder outputs with the chosen window pruning at `k_fraction`.
     """
     if not 0.0 <= target_fpr < 1.0:
-        raise ValueError(f"--target-fpr must be in [0, 1), not {target_fpr}")
+        raise CalibrationOptionError(f"--target-fpr must be in [0, 1), not {target_fpr}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, not {batch_size}")
+        raise CalibrationOptionError(f"--batch-size must be at least 1, not {batch_size}")
+    device = str(check_device(device))
     started, timings = time.perf_counter(), {}
     samples = read_samples(data)
     _, held_samples = split_holdout(samples, holdout, seed)
@@ -123,12 +161,13 @@ def calibrate(
     timings["load"] = time.perf_counter() - started
 
     tick = time.perf_counter()
-    encoder = PromptEncoder(spec, model, loaded.processor)
+    encoder = PromptEncoder.for_source(loaded, bundle)
     advance = progress("encoding prompts", 2 * len(samples))
     items, prefixed = [], []
     for sample in samples:
-        items.append(encoder.encode(sample))
-        prefixed.append(encoder.encode(sample, ALIGN_SAFETY_PREFIX))
+        plain, with_prefix = encoder.encode_variants(sample, (None, ALIGN_SAFETY_PREFIX))
+        items.append(plain)
+        prefixed.append(with_prefix)
         advance(2)
     timings["encode"] = time.perf_counter() - tick
 

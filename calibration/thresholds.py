@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import CalibrationOptionError, ScoreError
+
 _GRID = 2048
 
 
@@ -25,19 +27,19 @@ class Rates:
 
 
 def _clean(scores: np.ndarray, name: str) -> np.ndarray:
-    """A finite, non-empty float64 vector, or a ValueError naming it."""
+    """A finite, non-empty float64 vector, or a ScoreError naming it."""
     scores = np.asarray(scores, dtype=np.float64).ravel()
     if scores.size == 0:
-        raise ValueError(f"no {name} scores to calibrate on")
+        raise ScoreError(f"no {name} scores to calibrate on")
     if not np.isfinite(scores).all():
-        raise ValueError(f"{name} scores contain non-finite values")
+        raise ScoreError(f"{name} scores contain non-finite values")
     return scores
 
 
 def threshold_at_fpr(safe: np.ndarray, target_fpr: float) -> float:
     """A threshold flagging (score > t) at most `target_fpr` of the safe scores, mid-gap."""
     if not 0.0 <= target_fpr < 1.0:
-        raise ValueError(f"target FPR must be in [0, 1), not {target_fpr}")
+        raise CalibrationOptionError(f"target FPR must be in [0, 1), not {target_fpr}")
     ordered = np.sort(_clean(safe, "safe"))
     allowed = int(math.floor(target_fpr * ordered.size + 1e-9))
     below = ordered[ordered.size - allowed - 1]

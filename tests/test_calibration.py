@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
+from PIL import Image
 from support import noise_image
 
 from vlmguard.calibration.cli import calibrate_command
@@ -25,11 +27,15 @@ from vlmguard.calibration.oh_sweep import select_head, sweep_angles
 from vlmguard.calibration.policy_writer import apply_to_bundle
 from vlmguard.calibration.prompts import PromptEncoder, batches, collate
 from vlmguard.calibration.ptr_window import make_decoder
+from vlmguard.calibration.run import check_device
 from vlmguard.calibration.thresholds import kde_crossing, rates, threshold_at_fpr
+from vlmguard.errors import VlmguardError
 from vlmguard.export.exporter import export_bundle
 from vlmguard.export.families import LLAVA
+from vlmguard.export.source import load_source
 from vlmguard.export.tiny_model import build_tiny_llava
 from vlmguard.guards import GuardSettings
+from vlmguard.integrity import verify_bundle
 from vlmguard.manifest import read_manifest, sha256_file
 from vlmguard.runtime.guarded_vlm import GuardedVLM
 
@@ -136,9 +142,9 @@ def planted_data(sources: dict[str, Path]) -> Path:
 
 
 def test_sweep_angle_matches_the_guarded_decoder(sources):
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(sources["tiny"]).eval()
-    processor = transformers.AutoProcessor.from_pretrained(sources["tiny"])
-    encoder = PromptEncoder(LLAVA, model, processor)
+    loaded = load_source(sources["tiny"])
+    model = loaded.model
+    encoder = PromptEncoder.for_source(loaded)
     image = sources["root"] / "sweep.png"
     noise_image(5).save(image)
     samples = [Sample("What is in this picture?", "safe", image), Sample("Hi there.", "safe")]
@@ -315,12 +321,13 @@ def test_selection_rule_filters_heads_with_large_safe_angles():
 
 
 def test_prompt_rows_match_the_processor(sources):
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(sources["tiny"]).eval()
-    processor = transformers.AutoProcessor.from_pretrained(sources["tiny"])
+    loaded = load_source(sources["tiny"])
+    model, processor = loaded.model, loaded.processor
     image = sources["root"] / "rows.png"
     noise_image(2).save(image)
     sample = Sample("Describe the colours.", "safe", image)
-    encoded = PromptEncoder(LLAVA, model, processor).encode(sample, "Be safe.")
+    encoder = PromptEncoder.for_source(loaded)
+    encoded = encoder.encode(sample, "Be safe.")
     conversation = [
         {
             "role": "user",
@@ -334,5 +341,165 @@ def test_prompt_rows_match_the_processor(sources):
     assert tokenizer.decode(encoded.input_ids[encoded.instruction_rows]).strip() == sample.prompt
     assert tokenizer.decode(encoded.input_ids[encoded.prefix_rows]).strip() == "Be safe."
     assert int(encoded.image_rows.sum()) == LLAVA.num_image_tokens(model.config)
-    batch = next(batches([encoded, PromptEncoder(LLAVA, model, processor).encode(sample)], 2))
+    batch = next(batches([encoded, encoder.encode(sample)], 2))
     assert batch.attention_mask[1, 0] == 0 and batch.attention_mask[0].all()
+
+
+# ------------------------------------------------- the runtime's input path, staged re-export
+
+SPELLED = "<image> </s> <|im_start|> hi"  # special tokens' text: data, never structure
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(sources: dict[str, Path]) -> Path:
+    """The tiny source's bundle with every in-model guard (default head and window)."""
+    return export_bundle(sources["tiny"], sources["root"] / "bundle")
+
+
+def rotated_rgba(path: Path, orientation: int = 6) -> Path:
+    """A non-square, partly transparent RGBA PNG whose EXIF says to rotate it."""
+    rng = np.random.default_rng(11)
+    pixels = rng.integers(0, 256, (30, 44, 4), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels, "RGBA").save(path, exif=exif)
+    return path
+
+
+def runtime_prefill(vlm: GuardedVLM, image: Path, prompt: str) -> dict[str, np.ndarray]:
+    """What GuardedVLM's first prefill fed its graphs: ids, pixels, features and decoder feeds."""
+    engine, seen = vlm.engine, {}
+    embed, features, decoder = engine.embed, engine.image_features, engine.run_decoder
+
+    def record(name, function):
+        def wrapped(value, *rest):
+            seen.setdefault(name, value)
+            out = function(value, *rest)
+            seen.setdefault(name + "_out", out)
+            return out
+
+        return wrapped
+
+    engine.embed = record("input_ids", embed)
+    engine.image_features = record("pixel_values", features)
+    engine.run_decoder = record("feeds", decoder)
+    try:
+        vlm.generate(image, prompt, 1)
+    finally:
+        engine.embed, engine.image_features, engine.run_decoder = embed, features, decoder
+    return seen
+
+
+def test_one_sample_encodes_as_the_runtime_encodes_it(sources, tiny_bundle, tmp_path):
+    image = rotated_rgba(tmp_path / "rotated.png")
+    with Image.open(image) as opened:
+        assert opened.mode == "RGBA" and opened.getexif()[0x0112] == 6
+    sample = Sample(SPELLED, "safe", image, line=1)
+    loaded = load_source(sources["tiny"])
+    vlm = GuardedVLM.load(tiny_bundle, providers="cpu")
+    seen = runtime_prefill(vlm, image, SPELLED)
+    feeds = seen["feeds"]
+    prefix = vlm.policy.align_safety_prefix
+    want_prefixed = vlm.prompts.encode(SPELLED, True, safety_prefix=prefix)
+    for encoder in (
+        PromptEncoder.for_source(loaded),
+        PromptEncoder.for_source(loaded, tiny_bundle),
+    ):
+        batch = collate([encoder.encode(sample)])
+        assert batch.input_ids.tolist() == seen["input_ids"].tolist()
+        assert batch.attention_mask.tolist() == feeds["attention_mask"].tolist()
+        assert batch.position_ids.tolist() == feeds["position_ids"].tolist()
+        assert batch.image_rows.tolist() == feeds["ptr_image_mask"].tolist()
+        assert batch.instruction_rows.tolist() == feeds["ptr_instruction_mask"].tolist()
+        pixels = encoder.pixel_values(sample)
+        np.testing.assert_array_equal(pixels, seen["pixel_values"])
+        np.testing.assert_allclose(
+            encoder.features(pixels).numpy(), seen["pixel_values_out"][0], atol=1e-4
+        )
+        np.testing.assert_allclose(batch.embeds.numpy(), feeds["inputs_embeds"], atol=1e-4)
+        prefixed = encoder.encode(sample, prefix)
+        assert prefixed.input_ids.tolist() == want_prefixed.input_ids
+        for rows in ("image_rows", "instruction_rows", "prefix_rows"):
+            got = torch.nonzero(getattr(prefixed, rows)).flatten().tolist()
+            assert got == getattr(want_prefixed, rows), rows
+    # The spelled tokens stayed text: one image's rows, and the instruction decodes to the prompt.
+    assert int(batch.image_rows.sum()) == vlm.prompts.tokens_per_image
+    instruction = batch.input_ids[0][batch.instruction_rows[0].bool()].tolist()
+    assert vlm.prompts.decode(instruction, skip_special_tokens=False).strip() == SPELLED
+    # What the old path did differs on this sample: the HF tokenizer reads "<image>" as the
+    # image token, and PIL's convert("RGB") skips the EXIF rotation and the white background.
+    image_id = vlm.prompts.image_token_id
+    assert image_id in loaded.tokenizer(SPELLED, add_special_tokens=False)["input_ids"]
+    old = loaded.processor.image_processor(
+        images=[Image.open(image).convert("RGB")], return_tensors="np"
+    )["pixel_values"]
+    assert np.abs(old - pixels).max() > 0.1
+
+
+def test_unreadable_image_names_the_sample(sources, tmp_path):
+    records = marker_records()[:4]
+    records[2]["image"] = "notes.png"
+    (tmp_path / "notes.png").write_text("not an image\n")
+    path = write_jsonl(tmp_path / "cal.jsonl", records)
+    args = [str(sources["tiny"]), "--data", str(path), "--out", str(tmp_path / "p.json")]
+    result = CliRunner().invoke(calibrate_command, args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert "sample on line 3" in result.output and "notes.png" in result.output
+    encoder = PromptEncoder.for_source(load_source(sources["tiny"]))
+    with pytest.raises(VlmguardError, match=r"sample on line 3: .*notes\.png is not a readable"):
+        encoder.encode(read_samples(path)[2])
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("foo", "--device 'foo' is not a torch device"),
+        pytest.param(
+            "cuda",
+            "--device cuda: torch",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available"),
+        ),
+    ],
+)
+def test_unusable_device_is_one_line(tmp_path, device, message):
+    path = write_jsonl(tmp_path / "cal.jsonl", marker_records()[:4])
+    args = ["/no/such/model", "--data", str(path), "--out", str(tmp_path / "p.json")]
+    result = CliRunner().invoke(calibrate_command, [*args, "--device", device])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    with pytest.raises(VlmguardError, match=message):
+        check_device(device)
+
+
+@pytest.mark.parametrize("failing", ["export_onnx", "write_manifest"])
+def test_failed_reexport_leaves_the_bundle_as_it_was(sources, tiny_bundle, tmp_path, failing):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    manifest = read_manifest(bundle)
+    layers, heads = manifest["model"]["num_layers"], manifest["model"]["num_attention_heads"]
+    oh = manifest["guards"]["oh"]
+    document = {
+        "policy": {"oh_threshold": 12.5},
+        "calibration": {
+            "model": {"layers": layers, "heads": heads},
+            "oh": {"layer": (oh["layer"] + 1) % layers, "head": oh["head"]},
+            "ptr": {"window": manifest["guards"]["ptr"]["window"]},
+            "data": {"sha256": "0" * 64},
+        },
+    }
+    before = {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    neighbours = sorted(p.name for p in tmp_path.iterdir())
+
+    def fail(*args, **kwargs):
+        raise OSError(f"injected failure in {failing}")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(f"vlmguard.calibration.policy_writer.{failing}", fail)
+        with pytest.raises(OSError, match="injected failure"):
+            apply_to_bundle(bundle, document, sources["tiny"])
+    after = {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == neighbours  # no staging left behind
+    verify_bundle(bundle, "sha256")

@@ -361,6 +361,27 @@ def test_renderer_draws_black_text_inside_a_white_760_square():
     assert bottom > 600  # it still uses the canvas
 
 
+def test_long_instruction_shrinks_and_keeps_its_list():
+    for words in (80, 300):  # too long for 15 characters a line at 12 pt from 300 on
+        image = render_figstep("Methods to " + "very " * words + "carefully evade detection.")
+        left, top, right, bottom = dark_box(image)
+        assert right < 760 - 20 and bottom < 760 - 10, words  # nothing cut off
+        assert bottom > 600
+    with pytest.raises(DatasetError, match="does not fit"):
+        render_figstep("very " * 1500)
+
+
+def test_render_command_refuses_a_file_that_is_no_font(tmp_path):
+    font = tmp_path / "notimage.txt"
+    font.write_text("not a font\n")
+    args = ["render-figstep", "--text", "Steps to do X.", "--out", str(tmp_path / "x.png")]
+    result = CliRunner().invoke(eval_data, [*args, "--font", str(font)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert "notimage.txt is not a font" in result.output
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_render_command_and_jsonl_typesetting(tmp_path):
     runner = CliRunner()
     out = tmp_path / "one.png"
