@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from vlmguard.errors import UsageError, one_line_errors, require_extra
+from vlmguard.errors import one_line_errors, require_extra
 
 
 @contextmanager
@@ -43,21 +43,6 @@ def _carries_ptr(bundle: Path | None) -> bool:
     from vlmguard.manifest import read_manifest
 
     return "ptr" in read_manifest(bundle).get("guards", {}).get("defenses", [])
-
-
-def _check_device(torch: object, device: str) -> None:
-    """Refuse a --device torch cannot parse or this torch build cannot use, in one line."""
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as err:
-        raise UsageError(
-            f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N"
-        ) from err
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UsageError(
-            f"--device {device}: this torch build sees no CUDA device ({torch.__version__}); "
-            "use --device cpu or install a CUDA build of torch"
-        )
 
 
 @click.command("calibrate")
@@ -146,11 +131,11 @@ def calibrate_command(
 
     from .data import read_samples
     from .policy_writer import apply_to_bundle, write_policy
-    from .run import calibrate
+    from .run import calibrate, check_device
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    _check_device(torch, device)
+    check_device(device)
     read_samples(data)  # bad data fails before the model loads
     if bundle is not None:
         from vlmguard.manifest import read_manifest
@@ -160,7 +145,7 @@ def calibrate_command(
         result = calibrate(
             source, data, target_fpr=target_fpr, holdout=holdout, seed=seed,
             batch_size=batch_size, detector=detector or _bundle_detector(bundle),
-            oh_with_ptr=_carries_ptr(bundle), device=device, progress=progress,
+            oh_with_ptr=_carries_ptr(bundle), device=device, progress=progress, bundle=bundle,
         )  # fmt: skip
     write_policy(out, result.document)
     cal = result.document["calibration"]

@@ -40,6 +40,7 @@ from .sampling import Sampling
 __all__ = ["REFUSAL_TEXT", "ContextLengthError", "GuardedVLM", "ModelRunError", "Result"]
 POLICY_FILE = "policy.json"  # a bundle's calibrated policy, if calibration wrote one
 ORDER_RAN = ("ptr", "align", "oh")  # the order in which reports list the decoder guards
+UNGUARDED = "unguarded baseline (--no-guard): every guard input neutral, no guard acts"
 
 
 class GuardedVLM:
@@ -57,14 +58,15 @@ class GuardedVLM:
         )
         self.defenses = set(self.manifest["guards"]["defenses"])
         self.context = self.manifest["model"]["max_position_embeddings"]
-        self.rule = FailRule(policy, guarded=bool(self.defenses))
+        self.rule = FailRule(policy, guarded=bool(self.defenses) and policy.guarded)
         self.stages = decoder_stages(self.defenses, engine, policy, self.rule, self._gamma())
         outputs = {s["name"]: s["shape"] for s in self.manifest["graphs"]["decoder"]["outputs"]}
         vocab_size = outputs.get("logits", [None])[-1]  # checked on every step's logits
         self.generator = Generator(
-            engine, self.prompts, self.family, self.stages, self.rule, vocab_size
+            engine, self.prompts, self.family, self.stages, self.rule, vocab_size, policy.guarded
         )
-        self.detector = load_detector(engine, policy) if "detector" in self.manifest else None
+        carried = "detector" in self.manifest and policy.guarded  # unguarded: never loaded
+        self.detector = load_detector(engine, policy) if carried else None
 
     def _gamma(self) -> np.ndarray:
         """GuardAlign's per-layer strengths: the policy's, else the bundle's defaults."""
@@ -176,6 +178,9 @@ class GuardedVLM:
                 self._check_context(row, max_new)
         for row in rows:
             row.report.providers = self.engine.used_providers
+            if not self.policy.guarded:
+                row.report.decide("guards", "off", UNGUARDED)
+                continue
             self._required_guards(row)
             if not row.done:
                 detector_stage(self.detector, row, self.rule)
@@ -214,10 +219,11 @@ class GuardedVLM:
         Room is kept for the longest prompt the guards may make of it (safety prefix, Oh's
         instruction and forced opening), so no guard can push a request past the context.
         """
+        oh = "oh" in self.defenses and self.policy.guarded
         prefix = (self.policy.align_safety_prefix if self.detector is not None else "") + (
-            self.policy.oh_safety_instruction if "oh" in self.defenses else ""
+            self.policy.oh_safety_instruction if oh else ""
         )
-        opening = " " + self.policy.oh_refusal_opening if "oh" in self.defenses else ""
+        opening = " " + self.policy.oh_refusal_opening if oh else ""
         longest = self.prompts.token_count(
             row.prompt, row.image is not None, prefix or None, opening
         )
@@ -288,9 +294,18 @@ class GuardedVLM:
         for stage in self.stages.values():
             stage.begin_decode(batch, feeds)
         for row in live:
+            row.batch = batch
+        if self.policy.guarded:
+            self._guard_taps(live, outputs, layout)
+        batch.last_logits = self.generator.last_logits(batch, outputs, "prefill")
+
+    def _guard_taps(
+        self, live: list[Request], outputs: dict[str, np.ndarray], layout: PrefillLayout
+    ) -> None:
+        """Each carried guard reads its prefill outputs and acts; one that cannot judge fails."""
+        for row in live:
             ran = [d for d in ORDER_RAN if d in self.defenses]
             row.report.guards_ran += [d for d in ran if d not in row.report.guards_ran]
-            row.batch = batch
         for stage in self.stages.values():
             try:
                 stage.after_prefill(live, outputs, layout)
@@ -299,7 +314,6 @@ class GuardedVLM:
                     if not row.done:
                         reason = f"the guard stage failed: {first_line(err)}"
                         self.rule.guard_failed(row, stage.name, reason)
-        batch.last_logits = self.generator.last_logits(batch, outputs, "prefill")
 
     def _vision_stage(self, rows: list[Request]) -> dict[int, np.ndarray]:
         """Image features by id(request); requests whose features are unusable are refused."""

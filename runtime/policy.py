@@ -32,14 +32,15 @@ class GuardPolicy:
     detector_threshold: float | None = None
     require: list[str] = field(default_factory=list)  # guards that must run, else refuse
     fail_open: bool = False  # explicit opt-out of fail-closed
+    guarded: bool = True  # False: the unguarded baseline (--no-guard): no guard acts at all
     oh_safety_instruction: str = OH_SAFETY_INSTRUCTION
     oh_refusal_opening: str = OH_REFUSAL_OPENING
     align_safety_prefix: str = ALIGN_SAFETY_PREFIX
 
     @classmethod
     def neutral(cls) -> GuardPolicy:
-        """Every guard input neutral and no action: the model as exported, unguarded."""
-        return cls(ptr_k_fraction=0.0, align_gamma=[])
+        """No guard acts: every guard input neutral, no detector, no prefix, nothing refused."""
+        return cls(ptr_k_fraction=0.0, align_gamma=[], guarded=False)
 
     @classmethod
     def from_dict(cls, data: dict) -> GuardPolicy:
@@ -87,8 +88,18 @@ class GuardPolicy:
             raise PolicyError(
                 f"cannot require unknown guard(s) {named}; known: oh, ptr, align, detector"
             )
-        if not isinstance(self.fail_open, bool):
-            raise PolicyError(f"fail_open must be true or false, not {_shown(self.fail_open)}")
+        for name in ("fail_open", "guarded"):
+            if not isinstance(getattr(self, name), bool):
+                raise PolicyError(
+                    f"{name} must be true or false, not {_shown(getattr(self, name))}"
+                )
+        if not self.guarded and (
+            self.ptr_k_fraction or any(self.align_gamma or []) or self.require
+        ):
+            raise PolicyError(
+                "an unguarded policy (guarded: false) must have ptr_k_fraction 0, align_gamma "
+                "all 0 and require nothing; use GuardPolicy.neutral() or --no-guard"
+            )
         for name in ("oh_safety_instruction", "oh_refusal_opening", "align_safety_prefix"):
             if not isinstance(getattr(self, name), str):
                 raise PolicyError(f"{name} must be a string, not {_shown(getattr(self, name))}")

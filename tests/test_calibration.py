@@ -381,7 +381,7 @@ def runtime_prefill(vlm: GuardedVLM, image: Path, prompt: str) -> dict[str, np.n
         return wrapped
 
     engine.embed = record("input_ids", embed)
-    engine.image_features = record("pixel_values", features)
+    engine.image_features = record("vision_feeds", features)
     engine.run_decoder = record("feeds", decoder)
     try:
         vlm.generate(image, prompt, 1)
@@ -412,9 +412,9 @@ def test_one_sample_encodes_as_the_runtime_encodes_it(sources, tiny_bundle, tmp_
         assert batch.image_rows.tolist() == feeds["ptr_image_mask"].tolist()
         assert batch.instruction_rows.tolist() == feeds["ptr_instruction_mask"].tolist()
         pixels = encoder.pixel_values(sample)
-        np.testing.assert_array_equal(pixels, seen["pixel_values"])
+        np.testing.assert_array_equal(pixels, seen["vision_feeds"]["pixel_values"])
         np.testing.assert_allclose(
-            encoder.features(pixels).numpy(), seen["pixel_values_out"][0], atol=1e-4
+            encoder.features(pixels).numpy(), seen["vision_feeds_out"][0], atol=1e-4
         )
         np.testing.assert_allclose(batch.embeds.numpy(), feeds["inputs_embeds"], atol=1e-4)
         prefixed = encoder.encode(sample, prefix)

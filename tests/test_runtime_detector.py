@@ -142,3 +142,28 @@ def test_the_default_detector_runs_without_guard_models():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_no_guard_means_no_guard_acts(bundle):
+    """--no-guard on a detector bundle: no detector, no prefix, no guard decision, no refusal."""
+    from vlmguard.runtime.policy import GuardPolicy
+
+    vlm = GuardedVLM.load(bundle, providers="cpu", policy=GuardPolicy.neutral())
+    seen = []
+    run = vlm.engine.run_decoder
+
+    def spy(feeds, state):
+        seen.append(feeds)
+        return run(feeds, state)
+
+    vlm.engine.run_decoder = spy
+    result = vlm.generate(noise_image(0), "What is this?", max_new_tokens=3)
+    assert vlm.detector is None
+    assert [(d.stage, d.action) for d in result.report.decisions] == [("guards", "off")]
+    assert result.report.guards_ran == [] and not result.report.refused
+    assert "detector_ot" not in result.report.scores and "oh_angle" not in result.report.scores
+    prefill = seen[0]
+    assert not prefill["align_prefix_mask"].any() and not prefill["align_gamma"].any()
+    assert float(prefill["ptr_k_fraction"]) == 0.0
+    plain = vlm.prompts.encode("What is this?", True)
+    assert prefill["attention_mask"].shape[1] == len(plain.input_ids), "no safety prefix"
