@@ -1,5 +1,5 @@
 """Calibration: pick Oh Defense's head, SafePTR's window, GuardAlign's strength and thresholds.
 
-Offline half (DESIGN.md): reads labelled JSONL samples, runs the source model in PyTorch and
-writes a policy file (optionally into a bundle) with the evidence for every choice.
+Offline half (docs/architecture.md): reads labelled JSONL samples, runs the source model in
+PyTorch and writes a policy file (optionally into a bundle) with the evidence for every choice.
 """

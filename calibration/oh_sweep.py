@@ -115,7 +115,7 @@ class HeadChoice:
 def select_head(
     angles: np.ndarray, unsafe: np.ndarray, percentile: float = SAFE_PERCENTILE
 ) -> HeadChoice:
-    """METHODS.md 1: keep heads below the safe-angle percentile, rank by unsafe - safe."""
+    """Oh Defense's head rule (docs/guards.md): below the safe percentile, best unsafe - safe."""
     unsafe = np.asarray(unsafe, dtype=bool)
     safe_mean = angles[~unsafe].mean(axis=0)
     unsafe_mean = angles[unsafe].mean(axis=0)

@@ -1,7 +1,7 @@
 """The detector head: global cosine against the concept bank and OT patch scores (torch).
 
 Given an image embedding, patch embeddings and the concept bank's text embeddings, the
-head computes (METHODS.md sections 3 and 4):
+head computes (docs/guards.md, the safety detector):
 
 - global cosine [ours: category embedding = normalised mean of its normalised variants]:
   cos(image, category) per category, and `score_global` = the largest;

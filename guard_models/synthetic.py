@@ -1,10 +1,10 @@
 """Procedural images of safe and unsafe concepts: pictograms and typography among clutter.
 
-The generator behind the default detector (METHODS.md section 5: task x concept). A scene
-is a background, some benign clutter (shapes, safe pictograms, safe words) and one target:
-a pictogram or a typographic rendering of a concept, small or large. Every scene records
-which concepts it shows and how much of the image the target's bounding box covers, so an
-evaluation can look at small unsafe objects in clutter. Pillow and numpy only.
+The generator behind the default detector (docs/guards.md, the safety detector: task x
+concept). A scene is a background, some benign clutter (shapes, safe pictograms, safe words)
+and one target: a pictogram or a typographic rendering of a concept, small or large. Every
+scene records which concepts it shows and how much of the image the target's bounding box
+covers, so an evaluation can look at small unsafe objects in clutter. Pillow and numpy only.
 """
 
 from __future__ import annotations

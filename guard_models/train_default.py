@@ -5,8 +5,8 @@
 A small CLIP-style dual encoder (a Hugging Face `CLIPModel`, so the normal export path
 serves it) learns from procedurally generated scenes (`synthetic`): pictograms and
 typography of safe and unsafe concepts, alone and among benign clutter, small and large,
-with captions built as task x concept (METHODS.md section 5); the first 30% of steps see
-easier scenes (little clutter, mostly large pictograms). Loss [ours]: symmetric
+with captions built as task x concept (docs/guards.md, the safety detector); the first 30%
+of steps see easier scenes (little clutter, mostly large pictograms). Loss [ours]: symmetric
 InfoNCE with several positives (a scene shows several concepts; every concept present is a
 positive) on the pooled image embedding, plus the same loss on the best-matching patch
 embedding per text (FILIP-style token-wise max), which gives the patch tokens the meaning

@@ -339,3 +339,26 @@ def test_guarded_graph_matches_pytorch_with_every_guard_on(tiny_setup, vision, t
         prefix = torch.cat([prefix, torch.zeros(2, 1, dtype=prefix.dtype)], dim=1)
         positions = positions[:, -1:] + 1
         image = instruction = torch.zeros(2, 1, dtype=torch.long)
+
+
+def test_a_family_whose_layers_drop_the_guards_fails_the_export(tiny_setup, tmp_path):
+    """A layer that does not pass `attention_guard` on must fail the export, not go unguarded."""
+    import transformers
+
+    from vlmguard.errors import UnsupportedModelError
+    from vlmguard.export.graphs import decoder_plan
+
+    setup = tiny_setup("clip", "llama")
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(setup.source).eval()
+    settings = GuardSettings(align=True, ptr_window=PTR_WINDOW, oh_layer=OH_LAYER, oh_head=OH_HEAD)
+    reference = ptr_reference(LLAVA, model, setup.processor.tokenizer, PTR_WINDOW[0])
+    decoder_plan(LLAVA, model, settings, reference)  # the real layers pass the guards on
+    attention = model.model.language_model.layers[1].self_attn
+    forward = attention.forward
+
+    def dropping(*args, attention_guard=None, **kwargs):
+        return forward(*args, **kwargs)  # the guard never reaches the attention function
+
+    attention.forward = dropping
+    with pytest.raises(UnsupportedModelError, match="did not receive the guards"):
+        decoder_plan(LLAVA, model, settings, reference)
