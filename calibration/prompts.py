@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from vlmguard.errors import BundleError
 from vlmguard.export.families import FamilySpec, family_for
 from vlmguard.export.graphs import VisionEncoder
 from vlmguard.export.source import LoadedSource, copy_processing_files
-from vlmguard.manifest import read_manifest
+from vlmguard.manifest import Manifest
 from vlmguard.runtime.families import RuntimeFamily, runtime_family
 from vlmguard.runtime.image_preprocess import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -94,14 +94,13 @@ class RuntimeInputs:
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # GuardedVLM's default limit
 
     @classmethod
-    def from_bundle(cls, bundle: str | Path, manifest: dict | None = None) -> RuntimeInputs:
-        """The prompt builder and preprocessor config a GuardedVLM on `bundle` would use."""
+    def from_bundle(cls, bundle: str | Path, manifest: Manifest | None = None) -> RuntimeInputs:
+        """The prompt builder and runtime family a GuardedVLM on `bundle` would use."""
         bundle = Path(bundle)
-        manifest = read_manifest(bundle) if manifest is None else manifest
+        manifest = Manifest.read(bundle) if manifest is None else manifest
         family = runtime_family(bundle, manifest)
-        return cls(
-            PromptBuilder.from_bundle(bundle, manifest, family.expand_image), family, str(bundle)
-        )
+        prompts = PromptBuilder.from_bundle(bundle, manifest.to_json(), family.expand_image)
+        return cls(prompts, family, str(bundle))
 
     @classmethod
     def from_source(cls, loaded: LoadedSource) -> RuntimeInputs:
@@ -109,10 +108,12 @@ class RuntimeInputs:
         config = loaded.model.config
         with tempfile.TemporaryDirectory(prefix="vlmguard-calibration-") as directory:
             special_tokens = copy_processing_files(loaded, Path(directory))
-            manifest = {
-                "model": family_for(config).model_record(config),
-                "special_tokens": special_tokens,
-            }
+            manifest = Manifest(
+                model=family_for(config).model_record(config),
+                special_tokens=special_tokens,
+                graphs={},
+                guards={},
+            )
             inputs = cls.from_bundle(directory, manifest)
         return cls(inputs.prompts, inputs.family, str(loaded.path))
 
@@ -133,7 +134,7 @@ class PromptEncoder:
         self.prompts = inputs.prompts
         self.embed = spec.resolve(model, spec.embed_tokens)
         self.vision = VisionEncoder(spec, model)
-        image = spec.model_record(model.config)["image"]
+        image = asdict(spec.model_record(model.config).image)
         laid_out = {"token_id": self.prompts.image_token_id}
         laid_out["tokens_per_image"] = self.prompts.tokens_per_image
         if any(image[key] != value for key, value in laid_out.items()):

@@ -12,12 +12,13 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from vlmguard import __version__
 from vlmguard.errors import OutputExistsError, UsageError
 from vlmguard.guards import GuardSettings, TensorSpec, resolve_settings, settings_record
-from vlmguard.manifest import write_manifest
+from vlmguard.manifest import GraphRecord, Manifest, write_manifest
 
 from .families import family_for
 from .graphs import GraphPlan, decoder_plan, embed_plan, vision_plan
@@ -40,20 +41,15 @@ def _check_output(out: Path, force: bool) -> None:
         raise OutputExistsError(f"{out} is not empty; pass --force to replace it")
 
 
-def _graph_record(plan: GraphPlan, file: str, float_type: str) -> dict:
+def _graph_record(plan: GraphPlan, file: str, float_type: str) -> GraphRecord:
     """A graph's entry in guard_config.json, with float tensors in the bundle's precision."""
 
-    def record(spec: TensorSpec) -> dict:
-        entry = spec.record()
-        if entry["dtype"] == "float32":
-            entry["dtype"] = float_type
-        return entry
+    def typed(spec: TensorSpec) -> TensorSpec:
+        return replace(spec, dtype=float_type) if spec.dtype == "float32" else spec
 
-    return {
-        "file": file,
-        "inputs": [record(spec) for spec in plan.inputs],
-        "outputs": [record(spec) for spec in plan.outputs],
-    }
+    return GraphRecord(
+        file, tuple(typed(s) for s in plan.inputs), tuple(typed(s) for s in plan.outputs)
+    )
 
 
 def export_bundle(
@@ -112,29 +108,27 @@ def export_bundle(
                 on_step(f"converting {GRAPH_FILES[role]} to fp16")
                 path = convert_to_fp16(path)
             graphs[role] = _graph_record(plan, path.relative_to(staging).as_posix(), float_type)
-        extra = {}
+        detector_record = None
         if detector is not None:
             from vlmguard.guard_models.detector_export import export_detector
 
             on_step(f"exporting the safety detector from {detector}")
-            extra["detector"] = export_detector(detector, staging, quantize=detector_quantize)
+            detector_record = export_detector(detector, staging, quantize=detector_quantize)
         on_step("copying tokenizer, processor and chat template")
         special_tokens = copy_processing_files(loaded, staging)
         on_step("hashing files into guard_config.json")
-        write_manifest(
-            staging,
-            {
-                "vlmguard_version": __version__,
-                "created_unix": int(time.time()),
-                "source": str(source),
-                "dtype": float_type,
-                "model": spec.model_record(config),
-                "special_tokens": special_tokens,
-                "graphs": graphs,
-                "guards": settings_record(settings, text.num_hidden_layers),
-                **extra,
-            },
+        manifest = Manifest(
+            model=spec.model_record(config),
+            special_tokens=special_tokens,
+            graphs=graphs,
+            guards=settings_record(settings, text.num_hidden_layers),
+            dtype=float_type,
+            source=str(source),
+            vlmguard_version=__version__,
+            created_unix=int(time.time()),
+            detector=detector_record,
         )
+        write_manifest(staging, manifest.to_json())
         for path in [staging, *staging.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
         if out.exists():

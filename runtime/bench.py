@@ -170,7 +170,7 @@ def detector_variants(vlm: GuardedVLM, image: Image.Image, settings: BenchSettin
         return {}
     from vlmguard.runtime.detector import SafetyDetector
 
-    manifest = vlm.manifest["detector"]
+    manifest = vlm.manifest.detector
     pixels = None
     out = {}
     for variant in manifest["files"]:

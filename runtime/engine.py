@@ -16,7 +16,7 @@ import onnxruntime as ort
 from vlmguard.errors import BundleError
 from vlmguard.guards import FEEDBACK
 from vlmguard.integrity import DEFAULT_MODE, verify_bundle
-from vlmguard.manifest import read_manifest
+from vlmguard.manifest import MANIFEST_NAME, Manifest, read_manifest
 
 from .providers import create_session, provider_options, resolve_providers, trt_profiles
 
@@ -49,8 +49,9 @@ class BundleEngine:
     ) -> None:
         """Check the bundle's files (`integrity`: "sha256" or "size"), then open its graphs."""
         self.bundle = Path(bundle)
-        self.manifest = read_manifest(self.bundle)
-        self.integrity = verify_bundle(self.bundle, integrity, self.manifest)  # before any session
+        document = read_manifest(self.bundle)
+        self.integrity = verify_bundle(self.bundle, integrity, document)  # before any session
+        self.manifest = Manifest.from_json(document, self.bundle / MANIFEST_NAME)
         log.info(
             "vlmguard integrity (%s): %d files, %.1f MB in %.0f ms",
             self.integrity.mode,
@@ -59,24 +60,23 @@ class BundleEngine:
             self.integrity.seconds * 1e3,
         )
         self.providers = resolve_providers(providers)
-        decoder_file = self.manifest["graphs"]["decoder"]["file"]
-        bundle_sha = self.manifest["files"].get(decoder_file, {}).get("sha256", "unknown")
-        context = self.manifest["model"]["max_position_embeddings"]
+        decoder = self.manifest.graphs["decoder"]
+        bundle_sha = self.manifest.files.get(decoder.file, {}).get("sha256", "unknown")
+        context = self.manifest.model.max_position_embeddings
         self.sessions: dict[str, ort.InferenceSession] = {}
-        for role, record in self.manifest["graphs"].items():
-            path = self.bundle / record["file"]
+        for role, record in self.manifest.graphs.items():
+            path = self.bundle / record.file
             if not path.is_file():
-                raise BundleError(f"{self.bundle} lacks {record['file']}; re-export the bundle")
+                raise BundleError(f"{self.bundle} lacks {record.file}; re-export the bundle")
             options = provider_options(
                 self.providers, bundle_sha, trt_profiles(record, context), provider_overrides
             )
             self.sessions[role] = create_session(path, self.providers, options, threads)
         self.used_providers = {role: s.get_providers() for role, s in self.sessions.items()}
         log.info("vlmguard sessions: %s", self.used_providers)
-        decoder = self.manifest["graphs"]["decoder"]
-        self.decoder_inputs = {spec["name"]: spec for spec in decoder["inputs"]}
-        self.decoder_outputs = [spec["name"] for spec in decoder["outputs"]]
-        self.float_type = NUMPY_DTYPES[self.manifest.get("dtype", "float32")]
+        self.decoder_inputs = {spec.name: spec for spec in decoder.inputs}
+        self.decoder_outputs = [spec.name for spec in decoder.outputs]
+        self.float_type = NUMPY_DTYPES[self.manifest.dtype]
         on_gpu = self.used_providers["decoder"][0] != "CPUExecutionProvider"
         self.device = "cuda" if on_gpu else "cpu"
 
@@ -101,8 +101,8 @@ class BundleEngine:
         state = DecoderState()
         for name, spec in self.decoder_inputs.items():
             if name.startswith("past_key_values."):
-                _, heads, _, dim = spec["shape"]
-                state.past[name] = np.zeros((batch, heads, 0, dim), NUMPY_DTYPES[spec["dtype"]])
+                _, heads, _, dim = spec.dims
+                state.past[name] = np.zeros((batch, heads, 0, dim), NUMPY_DTYPES[spec.dtype])
         for name in FEEDBACK.values():
             if self.has_input(name):
                 state.carried[name] = np.zeros((batch, 0), np.int64)

@@ -54,24 +54,24 @@ class GuardedVLM:
         self.manifest = engine.manifest
         self.family = runtime_family(engine.bundle, self.manifest)
         self.prompts = PromptBuilder.from_bundle(
-            engine.bundle, self.manifest, self.family.expand_image
+            engine.bundle, self.manifest.to_json(), self.family.expand_image
         )
-        self.defenses = set(self.manifest["guards"]["defenses"])
-        self.context = self.manifest["model"]["max_position_embeddings"]
+        self.defenses = self.manifest.defenses
+        self.context = self.manifest.model.max_position_embeddings
         self.rule = FailRule(policy, guarded=bool(self.defenses) and policy.guarded)
         self.stages = decoder_stages(self.defenses, engine, policy, self.rule, self._gamma())
-        outputs = {s["name"]: s["shape"] for s in self.manifest["graphs"]["decoder"]["outputs"]}
-        vocab_size = outputs.get("logits", [None])[-1]  # checked on every step's logits
+        logits = self.manifest.graphs["decoder"].output("logits")
+        vocab_size = logits.dims[-1] if logits else None  # checked on every step's logits
         self.generator = Generator(
             engine, self.prompts, self.family, self.stages, self.rule, vocab_size, policy.guarded
         )
-        carried = "detector" in self.manifest and policy.guarded  # unguarded: never loaded
+        carried = self.manifest.detector is not None and policy.guarded  # unguarded: not loaded
         self.detector = load_detector(engine, policy) if carried else None
 
     def _gamma(self) -> np.ndarray:
         """GuardAlign's per-layer strengths: the policy's, else the bundle's defaults."""
-        layers = self.manifest["model"]["num_layers"]
-        default = self.manifest["guards"].get("align", {}).get("default_gamma", [0.0] * layers)
+        layers = self.manifest.model.num_layers
+        default = self.manifest.guards.get("align", {}).get("default_gamma", [0.0] * layers)
         gamma = default if self.policy.align_gamma is None else self.policy.align_gamma
         if len(gamma) > layers:
             raise PolicyError(f"align_gamma has {len(gamma)} values for a {layers}-layer model")
@@ -237,7 +237,7 @@ class GuardedVLM:
 
     def _required_guards(self, row: Request) -> None:
         """Refuse when the policy requires a guard this bundle does not carry."""
-        carried = self.defenses | ({"detector"} if "detector" in self.manifest else set())
+        carried = self.defenses | ({"detector"} if self.manifest.detector is not None else set())
         for guard in self.policy.require:
             if guard not in carried:
                 reason = f"the policy requires {guard} but the bundle lacks it"
@@ -320,8 +320,8 @@ class GuardedVLM:
         images = [row for row in rows if row.image is not None]
         if not images:
             return {}
-        embed_width = self.engine.decoder_inputs.get("inputs_embeds", {}).get("shape", [None])
-        want = (len(images), self.prompts.tokens_per_image, embed_width[-1])
+        embeds = self.engine.decoder_inputs.get("inputs_embeds")
+        want = (len(images), self.prompts.tokens_per_image, embeds.dims[-1] if embeds else None)
         try:
             with timed_all(rows, "vision_encoder"):
                 feeds = self.family.vision_feeds([r.pixels for r in images])

@@ -12,6 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from vlmguard.errors import BundleError, VlmguardError
+from vlmguard.manifest import GraphRecord
 
 SHORT_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -85,7 +86,7 @@ def engine_cache_dir(bundle_sha: str, device: str = "gpu0") -> Path:
     return root / "trt" / key.hexdigest()[:16]
 
 
-def trt_profiles(graph: dict, context: int, max_batch: int = 4) -> dict[str, str]:
+def trt_profiles(graph: GraphRecord, context: int, max_batch: int = 4) -> dict[str, str]:
     """TensorRT's explicit min/opt/max shape profiles for one graph's dynamic inputs.
 
     The decoder's axes are known here; a family's own axes (tiles, patches) come with the
@@ -98,20 +99,20 @@ def trt_profiles(graph: dict, context: int, max_batch: int = 4) -> dict[str, str
         "past_sequence_length": (0, context // 2, context),
         "total_sequence_length": (1, context // 2, context),
         "guard_positions_length": (0, 0, context),
-    } | {name: tuple(bounds) for name, bounds in graph.get("axes", {}).items()}
+    } | {name: tuple(bounds) for name, bounds in graph.axes.items()}
     shapes: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
-    for spec in graph["inputs"]:
-        if not any(isinstance(d, str) for d in spec["shape"]):
+    for spec in graph.inputs:
+        if not any(isinstance(d, str) for d in spec.dims):
             continue
-        unknown = [d for d in spec["shape"] if isinstance(d, str) and d not in ranges]
+        unknown = [d for d in spec.dims if isinstance(d, str) and d not in ranges]
         if unknown:
             raise BundleError(
-                f"{graph['file']}: input {spec['name']} has axis {unknown[0]!r} with no TensorRT "
+                f"{graph.file}: input {spec.name} has axis {unknown[0]!r} with no TensorRT "
                 "range; re-export the bundle (its graph record must list the axis under 'axes')"
             )
         for which, index in (("min", 0), ("opt", 1), ("max", 2)):
-            dims = [str(ranges[d][index]) if isinstance(d, str) else str(d) for d in spec["shape"]]
-            shapes[which].append(f"{spec['name']}:{'x'.join(dims) or '1'}")
+            dims = [str(ranges[d][index]) if isinstance(d, str) else str(d) for d in spec.dims]
+            shapes[which].append(f"{spec.name}:{'x'.join(dims) or '1'}")
     return {f"trt_profile_{k}_shapes": ",".join(v) for k, v in shapes.items() if v}
 
 

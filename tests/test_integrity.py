@@ -128,7 +128,7 @@ def test_an_unknown_mode_is_refused(pristine):
 def test_loading_checks_the_files_and_reports_it(pristine):
     vlm = GuardedVLM.load(pristine, providers="cpu", integrity="size")
     assert vlm.engine.integrity.mode == "size"
-    assert vlm.engine.integrity.files == len(vlm.manifest["files"])
+    assert vlm.engine.integrity.files == len(vlm.manifest.files)
 
 
 # ------------------------------------------------------------------ changed bytes

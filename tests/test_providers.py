@@ -5,6 +5,8 @@ from __future__ import annotations
 import onnxruntime as ort
 import pytest
 
+from vlmguard.guards import TensorSpec
+from vlmguard.manifest import GraphRecord
 from vlmguard.runtime.providers import (
     DEFAULT_ORDER,
     ProviderError,
@@ -14,13 +16,17 @@ from vlmguard.runtime.providers import (
     trt_profiles,
 )
 
-GRAPH = {
-    "inputs": [
-        {"name": "inputs_embeds", "shape": ["batch_size", "sequence_length", 64]},
-        {"name": "past_key_values.0.key", "shape": ["batch_size", 2, "past_sequence_length", 16]},
-        {"name": "ptr_k_fraction", "shape": []},
-    ]
-}
+GRAPH = GraphRecord(
+    "onnx/decoder_model_merged.onnx",
+    (
+        TensorSpec("inputs_embeds", ("batch_size", "sequence_length", 64), "float32"),
+        TensorSpec(
+            "past_key_values.0.key", ("batch_size", 2, "past_sequence_length", 16), "float32"
+        ),
+        TensorSpec("ptr_k_fraction", (), "float32"),
+    ),
+    (),
+)
 
 
 def test_short_and_full_names_resolve_and_unknown_ones_are_refused():

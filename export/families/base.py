@@ -20,6 +20,7 @@ from transformers.masking_utils import causal_mask_function, sliding_window_over
 
 from vlmguard.errors import UnsupportedModelError
 from vlmguard.guards import TensorSpec
+from vlmguard.manifest import ImageLayout, ModelRecord
 
 MaskFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -113,27 +114,27 @@ class FamilySpec:
         """A layer's key visibility rule; override for bidirectional image blocks and the like."""
         return causal_mask(window)
 
-    def model_record(self, config: object) -> dict:
+    def model_record(self, config: object) -> ModelRecord:
         """Shapes and token layout the runtime needs without loading transformers."""
         text = config.text_config
         heads = text.num_attention_heads
-        return {
-            "family": self.name,
-            "position_scheme": self.position_scheme,
-            "vision_model_type": config.vision_config.model_type,
-            "text_model_type": text.model_type,
-            "num_layers": text.num_hidden_layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": text.num_key_value_heads,
-            "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads,
-            "hidden_size": text.hidden_size,
-            "vocab_size": text.vocab_size,
-            "max_position_embeddings": text.max_position_embeddings,
-            "sliding_window": getattr(text, "sliding_window", None),
-            "image": {
-                "token": self.image_token,
-                "token_id": getattr(config, self.image_token_field),
-                "tokens_per_image": self.num_image_tokens(config),
-                "image_size": config.vision_config.image_size,
-            },
-        }
+        return ModelRecord(
+            family=self.name,
+            position_scheme=self.position_scheme,
+            vision_model_type=config.vision_config.model_type,
+            text_model_type=text.model_type,
+            num_layers=text.num_hidden_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=text.num_key_value_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            hidden_size=text.hidden_size,
+            vocab_size=text.vocab_size,
+            max_position_embeddings=text.max_position_embeddings,
+            sliding_window=getattr(text, "sliding_window", None),
+            image=ImageLayout(
+                token=self.image_token,
+                token_id=getattr(config, self.image_token_field),
+                tokens_per_image=self.num_image_tokens(config),
+                image_size=config.vision_config.image_size,
+            ),
+        )

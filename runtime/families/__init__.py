@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmguard.errors import BundleError
+from vlmguard.manifest import Manifest
 
 from .base import RuntimeFamily
 from .llava import LlavaRuntime
@@ -14,9 +15,9 @@ __all__ = ["FAMILIES", "RuntimeFamily", "runtime_family"]
 FAMILIES: dict[str, type[RuntimeFamily]] = {family.name: family for family in (LlavaRuntime,)}
 
 
-def runtime_family(bundle: Path, manifest: dict) -> RuntimeFamily:
+def runtime_family(bundle: Path, manifest: Manifest) -> RuntimeFamily:
     """The runtime family of a bundle, or a one-line error naming the ones this vlmguard knows."""
-    name = manifest.get("model", {}).get("family")
+    name = manifest.model.family
     family = FAMILIES.get(name)
     if family is None:
         raise BundleError(

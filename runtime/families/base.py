@@ -13,6 +13,7 @@ from typing import ClassVar
 import numpy as np
 
 from vlmguard.errors import BundleError
+from vlmguard.manifest import Manifest
 
 from ..image_preprocess import ImageInput
 
@@ -23,13 +24,12 @@ class RuntimeFamily:
     name: ClassVar[str]
     position_scheme: ClassVar[str] = "1d"
 
-    def __init__(self, bundle: Path, manifest: dict) -> None:
+    def __init__(self, bundle: Path, manifest: Manifest) -> None:
         self.bundle = Path(bundle)
         self.manifest = manifest
-        image = manifest["model"]["image"]
-        self.image_token_id = int(image["token_id"])
-        self.tokens_per_image = int(image["tokens_per_image"])
-        scheme = manifest["model"].get("position_scheme", "1d")
+        self.image_token_id = manifest.model.image.token_id
+        self.tokens_per_image = manifest.model.image.tokens_per_image
+        scheme = manifest.model.position_scheme
         if scheme != self.position_scheme:
             raise BundleError(
                 f"{bundle}: position scheme {scheme!r} is not {self.name}'s "

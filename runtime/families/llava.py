@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmguard.errors import BundleError
+from vlmguard.manifest import Manifest
 
 from ..image_preprocess import ImageInput, preprocess_image
 from .base import RuntimeFamily
@@ -18,7 +19,7 @@ class LlavaRuntime(RuntimeFamily):
 
     name = "llava"
 
-    def __init__(self, bundle: Path, manifest: dict) -> None:
+    def __init__(self, bundle: Path, manifest: Manifest) -> None:
         super().__init__(bundle, manifest)
         path = self.bundle / "preprocessor_config.json"
         if not path.is_file():

@@ -20,7 +20,7 @@ from .base import FailRule
 
 def load_detector(engine: BundleEngine, policy: GuardPolicy) -> object:
     """The bundle's safety detector, in the variant that fits the providers."""
-    record = engine.manifest["detector"]
+    record = engine.manifest.detector
     thresholds = dict(record.get("thresholds", {}))
     if policy.detector_threshold is not None:  # applies to the deciding method's score
         method = thresholds.get("method", "ot")
