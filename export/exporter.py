@@ -23,7 +23,7 @@ from .families import family_for
 from .graphs import GraphPlan, decoder_plan, embed_plan, vision_plan
 from .guards.ptr import ptr_reference
 from .onnx_io import convert_to_fp16, export_onnx
-from .source import copy_processing_files, load_source, resolve_source
+from .source import copy_processing_files, load_source, resolve_source, source_identity
 
 GRAPH_FILES = {  # fp32 names; fp16 bundles use the transformers.js suffix, e.g. *_fp16.onnx
     "vision_encoder": "onnx/vision_encoder.onnx",
@@ -127,6 +127,7 @@ def export_bundle(
                 "vlmguard_version": __version__,
                 "created_unix": int(time.time()),
                 "source": str(source),
+                "source_identity": source_identity(source_dir),
                 "dtype": float_type,
                 "model": spec.model_record(config),
                 "special_tokens": special_tokens,
