@@ -17,7 +17,7 @@ from vlmguard.export.families import family_for
 from vlmguard.export.graphs import decoder_plan
 from vlmguard.export.guards.ptr import ptr_reference
 from vlmguard.export.onnx_io import convert_to_fp16, export_onnx
-from vlmguard.export.source import load_source, resolve_source
+from vlmguard.export.source import load_source, resolve_source, source_identity
 from vlmguard.guards import GuardSettings, settings_record
 from vlmguard.manifest import MANIFEST_NAME, read_manifest, write_manifest
 
@@ -30,6 +30,39 @@ def write_policy(path: str | Path, document: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2) + "\n")
     return path
+
+
+def check_bundle_source(
+    manifest: dict,
+    identity: dict,
+    source: str | Path,
+    bundle: str | Path,
+    assume_same_source: bool = False,
+) -> None:
+    """Refuse, in one line, calibrating `bundle` with a SOURCE it was not exported from.
+
+    The exporter records the source's identity (`source_identity`: SHA-256 of config.json and
+    the weight files) in guard_config.json. A bundle exported before that has no record: it is
+    refused too, unless `assume_same_source` (`--assume-same-source`) says SOURCE is its model.
+    """
+    recorded = manifest.get("source_identity")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), str):
+        if assume_same_source:
+            return
+        raise BundleError(
+            f"{bundle} records no source identity (exported before vlmguard recorded one), so "
+            f"{source} cannot be checked as its model; re-export it (vlmguard export {source} "
+            f"--out {bundle} --force) or pass --assume-same-source if {source} is its model"
+        )
+    if recorded["sha256"] == identity["sha256"]:
+        return
+    theirs, ours = recorded.get("files", {}), identity["files"]
+    differ = sorted(n for n in set(theirs) | set(ours) if theirs.get(n) != ours.get(n))
+    raise BundleError(
+        f"{source} is not the model {bundle} was exported from ({manifest.get('source', '?')}; "
+        f"{', '.join(differ) or 'files'} differ); pass that model as SOURCE, or export "
+        f"{source} into a bundle of its own (vlmguard export {source} --out NEW_BUNDLE)"
+    )
 
 
 def chosen_settings(manifest: dict, document: dict) -> GuardSettings:
@@ -130,15 +163,27 @@ def apply_to_bundle(
     document: dict,
     source: str | Path,
     on_step: Callable[[str], None] = lambda text: None,
+    assume_same_source: bool = False,
 ) -> bool:
     """Write the policy into a bundle and rehash it; returns whether the decoder was re-exported.
 
     As the exporter does, the new bundle is built in a staging directory beside it (hard links
     of the unchanged files) and renamed into place at the end: a failure at any step leaves the
-    bundle as it was.
+    bundle as it was. `source` must be the model the bundle was exported from, and so must the
+    document's (`check_bundle_source`).
     """
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
+    identity = source_identity(resolve_source(str(source)))
+    check_bundle_source(manifest, identity, source, bundle, assume_same_source)
+    record = document["policy"].get("calibrated_for") or {}
+    if record.get("source_identity") not in (None, identity["sha256"]):
+        raise BundleError(
+            f"the policy was calibrated on another model than {source} "
+            f"(source sha256 {record['source_identity'][:12]}); calibrate {source} itself"
+        )
+    if "source_identity" not in manifest:  # an older bundle the user vouched for
+        manifest["source_identity"] = {**identity, "asserted": "--assume-same-source"}
     layers = manifest.get("model", {}).get("num_layers")
     calibrated = document["calibration"]["model"]["layers"]
     if layers != calibrated:
