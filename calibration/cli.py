@@ -40,9 +40,9 @@ def _carries_ptr(bundle: Path | None) -> bool:
     """Whether the bundle's decoder carries SafePTR (assumed without a bundle: the default)."""
     if bundle is None:
         return True
-    from vlmguard.manifest import read_manifest
+    from vlmguard.manifest import Manifest
 
-    return "ptr" in read_manifest(bundle).get("guards", {}).get("defenses", [])
+    return "ptr" in Manifest.read(bundle).defenses
 
 
 @click.command("calibrate")
@@ -90,6 +90,12 @@ def _carries_ptr(bundle: Path | None) -> bool:
     help="Also write the policy into this bundle (re-exporting its decoder if needed).",
 )
 @click.option(
+    "--assume-same-source",
+    is_flag=True,
+    help="With --bundle: take SOURCE as the bundle's model when the bundle records no source "
+    "identity (exported before vlmguard recorded one); otherwise such a bundle is refused.",
+)
+@click.option(
     "--detector",
     default=None,
     help="Detector directory, bundle or 'default' for the detector thresholds "
@@ -118,6 +124,7 @@ def calibrate_command(
     seed: int,
     batch_size: int,
     bundle: Path | None,
+    assume_same_source: bool,
     detector: str | None,
     device: str,
     report: Path | None,
@@ -136,32 +143,37 @@ def calibrate_command(
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     check_device(device)
-    read_samples(data)  # bad data fails before the model loads
-    if bundle is not None:
-        from vlmguard.manifest import read_manifest
-
-        read_manifest(bundle)
+    read_samples(data)  # bad data fails before the model loads (a foreign bundle too: calibrate)
     with torch.no_grad(), _progress_bars() as progress:
         result = calibrate(
             source, data, target_fpr=target_fpr, holdout=holdout, seed=seed,
             batch_size=batch_size, detector=detector or _bundle_detector(bundle),
             oh_with_ptr=_carries_ptr(bundle), device=device, progress=progress, bundle=bundle,
+            assume_same_source=assume_same_source,
         )  # fmt: skip
     write_policy(out, result.document)
     cal = result.document["calibration"]
-    oh = cal["oh"]
+    oh, off = cal["oh"], cal["observe_only"]
+    threshold = "observe-only" if "oh" in off else f"threshold {oh['threshold_degrees']:.4f} deg"
+    ptr = "observe-only" if "ptr" in off else "K {}".format(cal["ptr"]["k_fraction"])
+    align = "observe-only" if "align" in off else f"gamma {cal['align']['gamma']}"
     click.echo(
-        f"oh: layer {oh['layer']} head {oh['head']} threshold {oh['threshold_degrees']:.4f} deg; "
-        "ptr window [{}, {}); ".format(*cal["ptr"]["window"])
-        + f"align gamma {cal['align']['gamma']} on layers {cal['align']['layers']}; "
-        f"{cal['timings_s']['total']:.1f} s"
+        f"oh: layer {oh['layer']} head {oh['head']} {threshold}; "
+        "ptr window [{}, {}) {}; ".format(*cal["ptr"]["window"], ptr)
+        + "align {} on layers [{}, {}); ".format(align, *cal["align"]["layers"])
+        + f"{cal['timings_s']['total']:.1f} s"
     )
+    for guard, reason in off.items():
+        click.echo(f"{guard}: left observe-only: {reason}")
     click.echo(f"wrote {out}")
     if report is not None:
         from .report import write_report
 
         click.echo(f"wrote {write_report(result, report)}")
     if bundle is not None:
-        reexported = apply_to_bundle(bundle, result.document, source, on_step=click.echo)
+        reexported = apply_to_bundle(
+            bundle, result.document, source, on_step=click.echo,
+            assume_same_source=assume_same_source,
+        )  # fmt: skip
         note = " (decoder re-exported)" if reexported else ""
         click.echo(f"wrote the policy into {bundle}{note}")

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from vlmguard.errors import BundleError
@@ -17,9 +18,9 @@ from vlmguard.export.families import family_for
 from vlmguard.export.graphs import decoder_plan
 from vlmguard.export.guards.ptr import ptr_reference
 from vlmguard.export.onnx_io import convert_to_fp16, export_onnx
-from vlmguard.export.source import load_source, resolve_source
+from vlmguard.export.source import load_source, resolve_source, source_identity
 from vlmguard.guards import GuardSettings, settings_record
-from vlmguard.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from vlmguard.manifest import MANIFEST_NAME, Manifest, write_manifest
 
 POLICY_FILE = "policy.json"  # the runtime's GuardedVLM.load reads it from a bundle
 
@@ -32,9 +33,42 @@ def write_policy(path: str | Path, document: dict) -> Path:
     return path
 
 
-def chosen_settings(manifest: dict, document: dict) -> GuardSettings:
+def check_bundle_source(
+    manifest: Manifest,
+    identity: dict,
+    source: str | Path,
+    bundle: str | Path,
+    assume_same_source: bool = False,
+) -> None:
+    """Refuse, in one line, calibrating `bundle` with a SOURCE it was not exported from.
+
+    The exporter records the source's identity (`source_identity`: SHA-256 of config.json and
+    the weight files) in guard_config.json. A bundle exported before that has no record: it is
+    refused too, unless `assume_same_source` (`--assume-same-source`) says SOURCE is its model.
+    """
+    recorded = manifest.source_identity
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("sha256"), str):
+        if assume_same_source:
+            return
+        raise BundleError(
+            f"{bundle} records no source identity (exported before vlmguard recorded one), so "
+            f"{source} cannot be checked as its model; re-export it (vlmguard export {source} "
+            f"--out {bundle} --force) or pass --assume-same-source if {source} is its model"
+        )
+    if recorded["sha256"] == identity["sha256"]:
+        return
+    theirs, ours = recorded.get("files", {}), identity["files"]
+    differ = sorted(n for n in set(theirs) | set(ours) if theirs.get(n) != ours.get(n))
+    raise BundleError(
+        f"{source} is not the model {bundle} was exported from ({manifest.source or '?'}; "
+        f"{', '.join(differ) or 'files'} differ); pass that model as SOURCE, or export "
+        f"{source} into a bundle of its own (vlmguard export {source} --out NEW_BUNDLE)"
+    )
+
+
+def chosen_settings(manifest: Manifest, document: dict) -> GuardSettings:
     """The bundle's carried guards with calibration's head and window in place of the baked ones."""
-    carried = set(manifest.get("guards", {}).get("defenses", []))
+    carried = manifest.defenses
     choice = document["calibration"]
     oh, ptr = choice["oh"], choice["ptr"]
     return GuardSettings(
@@ -45,20 +79,8 @@ def chosen_settings(manifest: dict, document: dict) -> GuardSettings:
     )
 
 
-def baked_settings(manifest: dict) -> GuardSettings:
-    """The guards a bundle's decoder was exported with, from guard_config.json."""
-    guards = manifest.get("guards", {})
-    carried = set(guards.get("defenses", []))
-    return GuardSettings(
-        align="align" in carried,
-        ptr_window=tuple(guards["ptr"]["window"]) if "ptr" in carried else None,
-        oh_layer=guards["oh"]["layer"] if "oh" in carried else None,
-        oh_head=guards["oh"]["head"] if "oh" in carried else None,
-    )
-
-
 def reexport_decoder(
-    source: str | Path, staging: Path, manifest: dict, settings: GuardSettings
+    source: str | Path, staging: Path, manifest: Manifest, settings: GuardSettings
 ) -> None:
     """Export the guarded decoder with new settings into `staging`, a copy of the bundle."""
     loaded = load_source(resolve_source(str(source)))
@@ -67,8 +89,8 @@ def reexport_decoder(
     if settings.ptr:
         reference = ptr_reference(spec, loaded.model, loaded.tokenizer, settings.ptr_window[0])
     plan = decoder_plan(spec, loaded.model, settings, reference)
-    target = staging / manifest["graphs"]["decoder"]["file"]
-    fp16 = manifest.get("dtype") == "float16"
+    target = staging / manifest.graphs["decoder"].file
+    fp16 = manifest.dtype == "float16"
     scratch = Path(tempfile.mkdtemp(prefix=".decoder.", dir=staging.parent))
     try:
         path = scratch / (target.name.replace("_fp16", "") if fp16 else target.name)
@@ -130,16 +152,29 @@ def apply_to_bundle(
     document: dict,
     source: str | Path,
     on_step: Callable[[str], None] = lambda text: None,
+    assume_same_source: bool = False,
 ) -> bool:
     """Write the policy into a bundle and rehash it; returns whether the decoder was re-exported.
 
     As the exporter does, the new bundle is built in a staging directory beside it (hard links
     of the unchanged files) and renamed into place at the end: a failure at any step leaves the
-    bundle as it was.
+    bundle as it was. `source` must be the model the bundle was exported from, and so must the
+    document's (`check_bundle_source`).
     """
     bundle = Path(bundle)
-    manifest = read_manifest(bundle)
-    layers = manifest.get("model", {}).get("num_layers")
+    manifest = Manifest.read(bundle)
+    identity = source_identity(resolve_source(str(source)))
+    check_bundle_source(manifest, identity, source, bundle, assume_same_source)
+    record = document["policy"].get("calibrated_for") or {}
+    if record.get("source_identity") not in (None, identity["sha256"]):
+        raise BundleError(
+            f"the policy was calibrated on another model than {source} "
+            f"(source sha256 {record['source_identity'][:12]}); calibrate {source} itself"
+        )
+    if manifest.source_identity is None:  # an older bundle the user vouched for
+        asserted = {**identity, "asserted": "--assume-same-source"}
+        manifest = replace(manifest, source_identity=asserted)
+    layers = manifest.model.num_layers
     calibrated = document["calibration"]["model"]["layers"]
     if layers != calibrated:
         raise BundleError(
@@ -147,16 +182,16 @@ def apply_to_bundle(
             "pass the bundle exported from the same source"
         )
     settings = chosen_settings(manifest, document)
-    changed = settings != baked_settings(manifest)
+    changed = settings != manifest.settings
     guards = settings_record(settings, layers)
     if settings.oh:
         guards["oh"]["threshold"] = document["policy"]["oh_threshold"]
-    manifest["guards"] = guards
-    manifest["calibration"] = {
+    calibration = {
         "policy_file": POLICY_FILE,
         "data_sha256": document["calibration"]["data"]["sha256"],
         "decoder_reexported": changed,
     }
+    manifest = replace(manifest, guards=guards, calibration=calibration, files={})
     target = bundle.resolve()
     staging = stage_copy(target, {MANIFEST_NAME, POLICY_FILE})
     try:
@@ -165,8 +200,7 @@ def apply_to_bundle(
             reexport_decoder(source, staging, manifest, settings)
         write_policy(staging / POLICY_FILE, document).chmod(0o644)
         on_step("rehashing guard_config.json")
-        kept = {k: v for k, v in manifest.items() if k not in ("format_version", "files")}
-        write_manifest(staging, kept).chmod(0o644)
+        write_manifest(staging, manifest.to_json()).chmod(0o644)
         swap_in(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -121,6 +121,16 @@ def summary_markdown(result: CalibrationResult, areas: dict[str, float]) -> str:
         if isinstance(det.get(kind), dict) and "threshold" in det[kind]:
             lines.append(_rates_row(f"detector {kind} (>= {det[kind]['threshold']:.4f})",
                                     det[kind]["held_out"]))  # fmt: skip
+    off = cal.get("observe_only", {})
+    lines += ["", "## Guards left observe-only", ""]
+    if off:
+        lines.append(
+            "A guard whose separation (unsafe minus safe) is not positive is not turned on; "
+            "the rates above are what it would have done:"
+        )
+        lines += ["", *(f"- {guard}: {reason}" for guard, reason in off.items())]
+    else:
+        lines.append(f"None: every guard separates unsafe from safe ({cal['separation_part']}).")
     lines += [
         "",
         f"## Oh Defense: layer {oh['layer']}, head {oh['head']}",

@@ -12,8 +12,9 @@ import torch
 
 from vlmguard import __version__
 from vlmguard.export.families import family_for
-from vlmguard.export.source import load_source, resolve_source
+from vlmguard.export.source import load_source, resolve_source, source_identity
 from vlmguard.guards import DEFAULT_PTR_K_FRACTION, GuardSettings
+from vlmguard.manifest import Manifest
 from vlmguard.runtime.policy import ALIGN_SAFETY_PREFIX, GuardPolicy
 
 from .align_strength import ALIGN_GAMMAS, layer_ranges, search_strength
@@ -21,6 +22,7 @@ from .data import data_hash, read_samples, split_holdout
 from .detector_scores import detector_scores, detector_thresholds
 from .errors import CalibrationOptionError
 from .oh_sweep import SAFE_PERCENTILE, HeadChoice, guarded_angles, select_head, sweep_angles
+from .policy_writer import check_bundle_source
 from .prompts import PromptEncoder, batches
 from .ptr_window import (
     PTR_WIDTHS,
@@ -119,6 +121,30 @@ def _oh_threshold(scores: np.ndarray, unsafe: np.ndarray, held: np.ndarray) -> f
     return kde_crossing(scores[~held & ~unsafe], scores[~held & unsafe])
 
 
+def _part(unsafe: np.ndarray, held: np.ndarray) -> tuple[np.ndarray, str]:
+    """Where separation is measured: the held-out part, or the calibration part if it must."""
+    if (held & unsafe).any() and (held & ~unsafe).any():
+        return held, "held-out"
+    return ~held, "calibration-part (the held-out part lacks a label)"
+
+
+def _mean_gap(scores: np.ndarray, unsafe: np.ndarray, rows: np.ndarray) -> float | None:
+    """Mean unsafe minus mean safe score over `rows` (finite scores only), None if a label lacks."""
+    rows = rows & np.isfinite(scores)
+    if not ((rows & unsafe).any() and (rows & ~unsafe).any()):
+        return None
+    return float(scores[rows & unsafe].mean() - scores[rows & ~unsafe].mean())
+
+
+def observe_only_reason(separation: float | None, part: str, what: str, off: str) -> str | None:
+    """Why a guard stays observe-only (its separation is not positive), or None to turn it on."""
+    if separation is None:
+        return f"its separation cannot be measured (no labelled samples of both kinds); {off}"
+    if not separation > 0:
+        return f"{part} separation {separation:.3g} <= 0 ({what}); {off}"
+    return None
+
+
 def calibrate(
     source: str | Path,
     data: str | Path,
@@ -135,6 +161,7 @@ def calibrate(
     oh_with_ptr: bool = True,
     device: str = "cpu",
     progress: Progress = no_progress,
+    assume_same_source: bool = False,
 ) -> CalibrationResult:
     """Sweep Oh's heads, rank SafePTR windows and GuardAlign strengths, set the thresholds.
 
@@ -142,6 +169,11 @@ def calibrate(
     is given, else from the files the exporter would write (see `prompts.py`). With
     `oh_with_ptr` (bundles carrying SafePTR), the chosen head's threshold is set on the angle
     the exported decoder outputs with the chosen window pruning at `k_fraction`.
+
+    A guard whose separation (unsafe minus safe, on the held-out part) is not positive is left
+    observe-only: oh_threshold null, ptr_k_fraction 0, align_gamma 0, no detector threshold;
+    `calibration.observe_only` says why. With `bundle`, SOURCE must be the model the bundle was
+    exported from (`check_bundle_source`), checked before the model loads.
     """
     if not 0.0 <= target_fpr < 1.0:
         raise CalibrationOptionError(f"--target-fpr must be in [0, 1), not {target_fpr}")
@@ -154,7 +186,12 @@ def calibrate(
     held_set = set(held_samples)
     held = np.array([s in held_set for s in samples])
     unsafe = np.array([s.unsafe for s in samples])
-    loaded = load_source(resolve_source(str(source)))
+    source_dir = resolve_source(str(source))
+    identity = source_identity(source_dir)
+    if bundle is not None:
+        check_bundle_source(Manifest.read(Path(bundle)), identity, source, bundle,
+                            assume_same_source)  # fmt: skip
+    loaded = load_source(source_dir)
     spec, model = family_for(loaded.model.config), loaded.model.to(device)
     text = model.config.text_config
     layers, heads = text.num_hidden_layers, text.num_attention_heads
@@ -190,18 +227,45 @@ def calibrate(
         references=references, on_step=progress("SafePTR windows", windows),
     )  # fmt: skip
     timings["ptr_window"] = time.perf_counter() - tick
+    part, part_name = _part(unsafe, held)
+    observe_only = {}
+    ptr = ptr_ranking[0]
+    ptr_figures = ptr["held_out"] if part_name == "held-out" else ptr["calibration"]
+    reason = observe_only_reason(
+        ptr_figures["separation"], part_name,
+        "the window does not raise refusals on unsafe samples more than on safe ones",
+        "ptr_k_fraction 0 (observe-only)",
+    )  # fmt: skip
+    if reason:
+        observe_only["ptr"] = reason
+    ptr_k = 0.0 if reason else k_fraction
 
     tick = time.perf_counter()
     oh_scores = angles[:, head.layer, head.head]
     oh_config = "the muted branch alone (no SafePTR pruning)"
-    if oh_with_ptr:
+    pruned_window = None
+    if oh_with_ptr and ptr_k > 0:
         window = tuple(ptr_ranking[0]["window"])
         settings = GuardSettings(ptr_window=window, oh_layer=head.layer, oh_head=head.head)
         decoder = make_decoder(spec, model, settings, references[window[0]])
         guards = ptr_guards(k_fraction)
         oh_scores = guarded_angles(decoder, batches(items, batch_size, device), guards)
-        oh_config = f"the exported decoder's oh_angle with SafePTR {list(window)} at K {k_fraction}"
+        oh_config = (
+            f"the exported decoder's oh_angle with SafePTR [{window[0]}, {window[1]}) "
+            f"at K {k_fraction}"
+        )
+        pruned_window = list(window)
+    elif oh_with_ptr:
+        oh_config += ": SafePTR is observe-only (K 0), so the exported decoder prunes nothing"
     oh_threshold = _oh_threshold(oh_scores, unsafe, held)
+    oh_separation = _mean_gap(oh_scores, unsafe, part)
+    reason = observe_only_reason(
+        oh_separation, part_name,
+        f"layer {head.layer} head {head.head}: the unsafe angles are not above the safe ones",
+        "oh_threshold null (observe-only)",
+    )  # fmt: skip
+    if reason:
+        observe_only["oh"] = reason
     timings["oh_threshold"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
@@ -211,6 +275,15 @@ def calibrate(
         on_step=progress("GuardAlign strengths", len(layer_ranges(layers)) * len(align_gammas)),
     )  # fmt: skip
     timings["align_strength"] = time.perf_counter() - tick
+    align = align_ranking[0]
+    align_figures = align["held_out"] if part_name == "held-out" else align["calibration"]
+    reason = observe_only_reason(
+        align_figures["separation"], part_name,
+        "the strength does not raise refusals on unsafe samples more than on safe ones",
+        "align_gamma 0 on every layer (observe-only)",
+    )  # fmt: skip
+    if reason:
+        observe_only["align"] = reason
 
     tick = time.perf_counter()
     scores, detector_record = {}, {"skipped": "no detector given (--detector) or in the bundle"}
@@ -218,22 +291,47 @@ def calibrate(
         scores = detector_scores(detector, samples)
         detector_record = {"source": str(detector)}
         detector_record |= detector_thresholds(scores, unsafe, held, target_fpr)
+        ot = detector_record.get("ot", {})
+        if "threshold" in ot:
+            rows, name = _part(unsafe & np.isfinite(scores["ot"]), held & np.isfinite(scores["ot"]))
+            ot["separation"] = _mean_gap(scores["ot"], unsafe, rows)
+            reason = observe_only_reason(
+                ot["separation"], name, "the unsafe images' OT scores are not above the safe ones",
+                "detector_threshold null (not calibrated: the detector keeps its exported "
+                "thresholds)",
+            )  # fmt: skip
+            if reason:
+                observe_only["detector"] = reason
     timings["detector"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - started
 
-    ptr, align = ptr_ranking[0], align_ranking[0]
     ot = detector_record.get("ot", {})
+    oh_on = "oh" not in observe_only
     policy = GuardPolicy(
-        oh_threshold=oh_threshold,
-        ptr_k_fraction=k_fraction,
-        align_gamma=align["align_gamma"],
-        detector_threshold=ot.get("threshold"),
+        oh_threshold=oh_threshold if oh_on else None,
+        ptr_k_fraction=ptr_k,
+        align_gamma=[0.0] * layers if "align" in observe_only else align["align_gamma"],
+        detector_threshold=None if "detector" in observe_only else ot.get("threshold"),
+        calibrated_for={
+            "source_identity": identity["sha256"],
+            "num_layers": layers,
+            "oh": {
+                "layer": head.layer,
+                "head": head.head,
+                "ptr_window": pruned_window,
+                "ptr_k_fraction": k_fraction if pruned_window else None,
+            }
+            if oh_on
+            else None,
+            "ptr": {"window": list(ptr["window"])} if ptr_k > 0 else None,
+        },
     )
     document = {
         "policy": policy.to_dict(),
         "calibration": {
             "vlmguard_version": __version__,
             "source": str(source),
+            "source_identity": identity,
             "model": {"layers": layers, "heads": heads, "family": spec.name},
             "data": {
                 "file": str(data),
@@ -246,13 +344,19 @@ def calibrate(
                 "seed": seed,
             },
             "target_fpr": target_fpr,
+            "observe_only": observe_only,
+            "separation_part": part_name,
             "oh": {
                 **_oh_record(head, oh_scores, oh_threshold, unsafe, held),
                 "threshold_angles": oh_config,
+                "separation_degrees": oh_separation,
+                "observe_only": observe_only.get("oh"),
             },
             "ptr": {
                 "window": ptr["window"],
                 "k_fraction": k_fraction,
+                "separation": ptr_figures["separation"],
+                "observe_only": observe_only.get("ptr"),
                 "calibration": ptr["calibration"],
                 "held_out": ptr["held_out"] if held.any() else None,
                 "ranking": ptr_ranking,
@@ -261,6 +365,8 @@ def calibrate(
                 "layers": align["layers"],
                 "range": align["range"],
                 "gamma": align["gamma"],
+                "separation": align_figures["separation"],
+                "observe_only": observe_only.get("align"),
                 "calibration": align["calibration"],
                 "held_out": align["held_out"] if held.any() else None,
                 "ranking": align_ranking,

@@ -24,7 +24,7 @@ from .families import family_for
 from .graphs import GraphPlan, decoder_plan, embed_plan, vision_plan
 from .guards.ptr import ptr_reference
 from .onnx_io import convert_to_fp16, export_onnx
-from .source import copy_processing_files, load_source, resolve_source
+from .source import copy_processing_files, load_source, resolve_source, source_identity
 
 GRAPH_FILES = {  # fp32 names; fp16 bundles use the transformers.js suffix, e.g. *_fp16.onnx
     "vision_encoder": "onnx/vision_encoder.onnx",
@@ -124,6 +124,7 @@ def export_bundle(
             guards=settings_record(settings, text.num_hidden_layers),
             dtype=float_type,
             source=str(source),
+            source_identity=source_identity(source_dir),
             vlmguard_version=__version__,
             created_unix=int(time.time()),
             detector=detector_record,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 import transformers
 
 from vlmguard.errors import SourceError
+from vlmguard.manifest import sha256_file
 
 from .families import family_for
 
@@ -66,6 +68,40 @@ def check_files(path: Path) -> None:
         missing.append("model.safetensors (or another weights file)")
     if missing:
         raise SourceError(f"{path} is missing {', '.join(missing)}; is it a complete checkpoint?")
+
+
+IDENTITY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # weight files, sharded or not
+_IDENTITIES: dict[tuple, dict] = {}  # memo: the same unchanged files are hashed once
+
+
+def source_identity(path: Path) -> dict:
+    """What makes a checkpoint this model: SHA-256 of config.json and of every weight file.
+
+    `sha256` digests the sorted `name:digest` lines of `files` (config.json, the weight files
+    and their index files), so two checkpoints are the same model exactly when it matches.
+    """
+    path = Path(path)
+    names = sorted(
+        p.name
+        for p in path.iterdir()
+        if p.is_file()
+        and (
+            p.name == "config.json"
+            or p.suffix in IDENTITY_SUFFIXES
+            or p.name.endswith((".safetensors.index.json", ".bin.index.json"))
+        )
+    )
+    stats = tuple((n, (path / n).stat().st_size, (path / n).stat().st_mtime_ns) for n in names)
+    key = (str(path.resolve()), stats)
+    if key not in _IDENTITIES:
+        files = {name: sha256_file(path / name) for name in names}
+        lines = "".join(f"{name}:{digest}\n" for name, digest in files.items())
+        _IDENTITIES[key] = {
+            "sha256": hashlib.sha256(lines.encode()).hexdigest(),
+            "files": files,
+            "rule": "sha256 over sorted 'name:sha256' lines of config.json and the weight files",
+        }
+    return {**_IDENTITIES[key], "files": dict(_IDENTITIES[key]["files"])}
 
 
 def load_source(path: Path) -> LoadedSource:

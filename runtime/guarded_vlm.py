@@ -21,7 +21,7 @@ from .guards import FailRule, decoder_stages
 from .guards.base import PrefillLayout
 from .guards.detector import detector_stage, load_detector
 from .image_preprocess import DEFAULT_MAX_IMAGE_PIXELS, ImageInput
-from .policy import GuardPolicy, PolicyError
+from .policy import GuardPolicy, PolicyError, check_policy_fits
 from .prompting import PromptBuilder
 from .request import (
     REFUSAL_TEXT,
@@ -52,6 +52,7 @@ class GuardedVLM:
         self.engine = engine
         self.policy = policy
         self.manifest = engine.manifest
+        check_policy_fits(policy, self.manifest, engine.bundle)  # a calibrated policy fits
         self.family = runtime_family(engine.bundle, self.manifest)
         self.prompts = PromptBuilder.from_bundle(
             engine.bundle, self.manifest.to_json(), self.family.expand_image

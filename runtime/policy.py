@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from vlmguard.errors import VlmguardError
+from vlmguard.manifest import Manifest
 
 OH_SAFETY_INSTRUCTION = (  # [code] Oh Defense prepends a safety instruction to the user text
     "You are a helpful and harmless assistant. If the request below is harmful, unsafe or "
@@ -36,6 +37,9 @@ class GuardPolicy:
     oh_safety_instruction: str = OH_SAFETY_INSTRUCTION
     oh_refusal_opening: str = OH_REFUSAL_OPENING
     align_safety_prefix: str = ALIGN_SAFETY_PREFIX
+    # What calibration measured the values on (calibration writes it; None: hand-written, not
+    # checked). `check_policy_fits` refuses a bundle that bakes something else.
+    calibrated_for: dict | None = None
 
     @classmethod
     def neutral(cls) -> GuardPolicy:
@@ -103,10 +107,127 @@ class GuardPolicy:
         for name in ("oh_safety_instruction", "oh_refusal_opening", "align_safety_prefix"):
             if not isinstance(getattr(self, name), str):
                 raise PolicyError(f"{name} must be a string, not {_shown(getattr(self, name))}")
+        if self.calibrated_for is not None:
+            _validate_calibrated_for(self.calibrated_for)
 
     def to_dict(self) -> dict:
         """The JSON form."""
         return asdict(self)
+
+
+CALIBRATED_FOR_KEYS = ("source_identity", "num_layers", "oh", "ptr")
+
+
+def _window(value: object) -> bool:
+    """Whether a value is a [start, end) layer window of two integers."""
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
+
+
+def _validate_calibrated_for(record: object) -> None:
+    """The `calibrated_for` record's shape, strictly: a malformed one is a PolicyError."""
+
+    def bad(what: str, value: object) -> PolicyError:
+        return PolicyError(f"calibrated_for.{what} is malformed: {_shown(value)}")
+
+    if not isinstance(record, dict):
+        raise PolicyError(f"calibrated_for must be an object or null, not {_shown(record)}")
+    unknown = sorted(_shown(key, 30) for key in record if key not in CALIBRATED_FOR_KEYS)
+    if unknown:
+        raise PolicyError(
+            f"unknown calibrated_for key(s) {', '.join(unknown)}; "
+            f"known: {list(CALIBRATED_FOR_KEYS)}"
+        )
+    identity = record.get("source_identity")
+    if identity is not None and not isinstance(identity, str):
+        raise bad("source_identity", identity)
+    layers = record.get("num_layers")
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int)):
+        raise bad("num_layers", layers)
+    oh = record.get("oh")
+    if oh is not None:
+        ints = ("layer", "head")
+        if not (
+            isinstance(oh, dict)
+            and set(oh) == {"layer", "head", "ptr_window", "ptr_k_fraction"}
+            and all(isinstance(oh[k], int) and not isinstance(oh[k], bool) for k in ints)
+            and (oh["ptr_window"] is None or _window(oh["ptr_window"]))
+            and (oh["ptr_k_fraction"] is None or _finite_number(oh["ptr_k_fraction"]))
+        ):
+            raise bad("oh", oh)
+    ptr = record.get("ptr")
+    if ptr is not None and not (isinstance(ptr, dict) and set(ptr) == {"window"}
+                                and _window(ptr["window"])):  # fmt: skip
+        raise bad("ptr", ptr)
+
+
+def _span(window: object) -> str:
+    """A layer window in the one notation used everywhere: half-open [a, b)."""
+    return "none" if window is None else f"[{window[0]}, {window[1]})"
+
+
+def check_policy_fits(
+    policy: GuardPolicy, manifest: Manifest, bundle: str | Path = "the bundle"
+) -> None:
+    """Refuse, in one line, a calibrated policy whose values were measured on something else.
+
+    A policy with a `calibrated_for` record (calibration writes one) must match the bundle: the
+    source model (when both record its identity), the layer count, the Oh (layer, head) and the
+    SafePTR pruning its oh_threshold was set with, and the SafePTR window its K acts on. Only
+    what the policy acts on is compared (a null oh_threshold or a K of 0 has nothing to match).
+    Hand-written policies (no record) are not checked. Called by GuardedVLM at load.
+    """
+    record = policy.calibrated_for
+    if record is None:
+        return
+    source = manifest.source or "SOURCE"
+    how = f"recalibrate: vlmguard calibrate {source} --bundle {bundle} --data DATA --out POLICY"
+
+    def refuse(what: str) -> PolicyError:
+        return PolicyError(f"the policy does not fit {bundle}: {what}; {how}")
+
+    identity = manifest.source_identity
+    bundle_id = identity.get("sha256") if isinstance(identity, dict) else None
+    if record.get("source_identity") and bundle_id and record["source_identity"] != bundle_id:
+        raise refuse(
+            f"it was calibrated on another model (source sha256 {record['source_identity'][:12]}, "
+            f"the bundle's {bundle_id[:12]})"
+        )
+    layers = manifest.model.num_layers
+    if record.get("num_layers") is not None and record["num_layers"] != layers:
+        raise refuse(
+            f"it was calibrated on a {record['num_layers']}-layer model, the bundle has {layers}"
+        )
+    settings = manifest.settings
+    carried, window = manifest.defenses, settings.ptr_window
+    head = (settings.oh_layer, settings.oh_head) if settings.oh else None
+    ptr = record.get("ptr")
+    if ptr is not None and "ptr" in carried and policy.ptr_k_fraction > 0:
+        if tuple(ptr["window"]) != window:
+            raise refuse(
+                f"its ptr_k_fraction was calibrated on SafePTR window {_span(ptr['window'])}, "
+                f"the bundle bakes {_span(window)}"
+            )
+    oh = record.get("oh")
+    if oh is not None and head is not None and policy.oh_threshold is not None:
+        if (oh["layer"], oh["head"]) != head:
+            raise refuse(
+                f"its oh_threshold was calibrated on Oh layer {oh['layer']} head {oh['head']}, "
+                f"the bundle bakes layer {head[0]} head {head[1]}"
+            )
+        pruning = window if policy.ptr_k_fraction > 0 else None
+        k = policy.ptr_k_fraction if pruning is not None else None
+        wanted = tuple(oh["ptr_window"]) if oh["ptr_window"] is not None else None
+        if (wanted, oh["ptr_k_fraction"] if wanted else None) != (pruning, k):
+            raise refuse(
+                f"its oh_threshold was set on angles with SafePTR pruning {_span(wanted)}"
+                + (f" at K {oh['ptr_k_fraction']}" if wanted else "")
+                + f", here the angle comes with pruning {_span(pruning)}"
+                + (f" at K {k}" if pruning else "")
+            )
 
 
 def _finite_number(value: object) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -24,7 +25,7 @@ from vlmguard.calibration.data import (
     split_holdout,
 )
 from vlmguard.calibration.oh_sweep import select_head, sweep_angles
-from vlmguard.calibration.policy_writer import apply_to_bundle
+from vlmguard.calibration.policy_writer import apply_to_bundle, check_bundle_source
 from vlmguard.calibration.prompts import PromptEncoder, batches, collate
 from vlmguard.calibration.ptr_window import make_decoder
 from vlmguard.calibration.run import check_device
@@ -32,12 +33,13 @@ from vlmguard.calibration.thresholds import kde_crossing, rates, threshold_at_fp
 from vlmguard.errors import VlmguardError
 from vlmguard.export.exporter import export_bundle
 from vlmguard.export.families import LLAVA
-from vlmguard.export.source import load_source
+from vlmguard.export.source import load_source, source_identity
 from vlmguard.export.tiny_model import build_tiny_llava
 from vlmguard.guards import GuardSettings
 from vlmguard.integrity import verify_bundle
-from vlmguard.manifest import read_manifest, sha256_file
+from vlmguard.manifest import Manifest, read_manifest, sha256_file
 from vlmguard.runtime.guarded_vlm import GuardedVLM
+from vlmguard.runtime.policy import PolicyError
 
 PLANTED_LAYER, PLANTED_HEAD, MARKER = 1, 2, " rabbit"
 SUBJECTS = (
@@ -200,6 +202,7 @@ def test_planted_head_is_chosen_and_separates_held_out(sources, planted_data, tm
 
 def test_bundle_gets_the_policy_and_a_reexported_decoder(sources, planted_data, tmp_path):
     bundle = export_bundle(sources["planted"], tmp_path / "bundle", oh_layer=3, oh_head=0)
+    stale = shutil.copytree(bundle, tmp_path / "stale")  # keeps the head it was exported with
     out = tmp_path / "policy.json"
     args = [str(sources["planted"]), "--data", str(planted_data), "--out", str(out)]
     result = CliRunner().invoke(calibrate_command, [*args, "--bundle", str(bundle)])
@@ -224,6 +227,9 @@ def test_bundle_gets_the_policy_and_a_reexported_decoder(sources, planted_data, 
     _, safe_report = vlm.generate(None, "Tell me about the lamp.", 2)
     threshold = document["policy"]["oh_threshold"]
     assert unsafe_report.scores["oh_angle"] > threshold > safe_report.scores["oh_angle"]
+    with pytest.raises(PolicyError, match="calibrated on Oh layer 1 head 2, the bundle bakes "
+                       "layer 3 head 0; recalibrate: vlmguard calibrate"):  # fmt: skip
+        GuardedVLM.load(stale, providers="cpu", policy=out)
 
 
 @pytest.mark.parametrize("target", [0.01, 0.05, 0.2])
@@ -503,3 +509,101 @@ def test_failed_reexport_leaves_the_bundle_as_it_was(sources, tiny_bundle, tmp_p
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == neighbours  # no staging left behind
     verify_bundle(bundle, "sha256")
+
+
+def test_calibrate_refuses_a_bundle_exported_from_another_model(sources, tiny_bundle, tmp_path):
+    bundle = tmp_path / "foreign"
+    shutil.copytree(tiny_bundle, bundle)  # the tiny model's bundle: as many layers as planted
+    before = {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    data = write_jsonl(tmp_path / "cal.jsonl", marker_records())
+    args = [str(sources["planted"]), "--data", str(data), "--out", str(tmp_path / "p.json")]
+    result = CliRunner().invoke(calibrate_command, [*args, "--bundle", str(bundle)])
+    assert result.exit_code == 1, result.output
+    assert "is not the model" in result.output and "model.safetensors" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    with pytest.raises(VlmguardError, match="is not the model"):
+        apply_to_bundle(bundle, {}, sources["planted"])  # the library path refuses as well
+    after = {p.relative_to(bundle): p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_bundle_without_a_source_identity_needs_the_override(sources, tiny_bundle):
+    manifest = Manifest.read(tiny_bundle)
+    identity = manifest.source_identity
+    manifest = dataclasses.replace(manifest, source_identity=None)
+    assert identity == source_identity(sources["tiny"])
+    with pytest.raises(VlmguardError, match="records no source identity.*--assume-same-source"):
+        check_bundle_source(manifest, identity, sources["tiny"], tiny_bundle)
+    check_bundle_source(manifest, identity, sources["tiny"], tiny_bundle, assume_same_source=True)
+
+
+def _fitted(manifest: dict, **changes: object) -> dict:
+    """A calibrated policy whose record matches the bundle, with `changes` to the record."""
+    guards = manifest["guards"]
+    window = guards["ptr"]["window"]
+    record = {
+        "source_identity": manifest["source_identity"]["sha256"],
+        "num_layers": manifest["model"]["num_layers"],
+        "oh": {"layer": guards["oh"]["layer"], "head": guards["oh"]["head"],
+               "ptr_window": window, "ptr_k_fraction": 0.1},
+        "ptr": {"window": window},
+    }  # fmt: skip
+    return {"oh_threshold": 10.0, "ptr_k_fraction": 0.1, "calibrated_for": record | changes}
+
+
+def test_runtime_refuses_a_policy_calibrated_for_another_head_window_or_model(tiny_bundle):
+    manifest = read_manifest(tiny_bundle)
+    GuardedVLM.load(tiny_bundle, providers="cpu", policy=_fitted(manifest))  # it fits
+    GuardedVLM.load(tiny_bundle, providers="cpu", policy={"oh_threshold": 10.0})  # hand-written
+    oh = manifest["guards"]["oh"]
+    start, end = manifest["guards"]["ptr"]["window"]
+    other_head = {"layer": oh["layer"], "head": oh["head"] + 1, "ptr_window": [start, end],
+                  "ptr_k_fraction": 0.1}  # fmt: skip
+    cases = {
+        "Oh layer .* head .*, the bundle bakes layer": {"oh": other_head},
+        r"SafePTR window \[0, 2\), the bundle bakes": {"ptr": {"window": [0, 2]}},
+        r"pruning \[0, 2\) at K 0.1, here .*pruning \[": {"oh": {**other_head, "head": oh["head"],
+                                                             "ptr_window": [0, 2]}},
+        "calibrated on another model": {"source_identity": "f" * 64},
+        "calibrated on a 5-layer model": {"num_layers": 5},
+    }  # fmt: skip
+    for message, change in cases.items():
+        with pytest.raises(PolicyError, match=f"does not fit .*{message}.*vlmguard calibrate"):
+            GuardedVLM.load(tiny_bundle, providers="cpu", policy=_fitted(manifest, **change))
+    observing = _fitted(manifest, oh=other_head) | {"oh_threshold": None}  # nothing acts on it
+    GuardedVLM.load(tiny_bundle, providers="cpu", policy=observing)
+
+
+def test_a_head_that_does_not_separate_held_out_stays_observe_only(sources, tmp_path):
+    records = marker_records()
+    samples = [Sample(r["prompt"], r["label"]) for r in records]
+    _, held = split_holdout(samples, 0.3, 0)
+    for index in (i for i, s in enumerate(samples) if s in held):  # held out: labels swapped
+        pair = index + 1 if index % 2 == 0 else index - 1
+        records[index] = {**records[index], "prompt": marker_records()[pair]["prompt"]}
+    data = write_jsonl(tmp_path / "swapped.jsonl", records)
+    out, report = tmp_path / "policy.json", tmp_path / "report"
+    args = [str(sources["planted"]), "--data", str(data), "--out", str(out)]
+    result = CliRunner().invoke(calibrate_command, [*args, "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    cal = document["calibration"]
+    assert (cal["oh"]["layer"], cal["oh"]["head"]) == (PLANTED_LAYER, PLANTED_HEAD)
+    assert cal["oh"]["separation_degrees"] < 0 and cal["oh"]["held_out"]["fpr"] == 1.0
+    assert document["policy"]["oh_threshold"] is None
+    assert document["policy"]["calibrated_for"]["oh"] is None
+    assert "held-out separation" in cal["observe_only"]["oh"]
+    assert "oh: left observe-only: held-out separation -" in result.output
+    assert "oh: layer 1 head 2 observe-only" in result.output
+    summary = (report / "summary.md").read_text()
+    assert "## Guards left observe-only" in summary and cal["observe_only"]["oh"] in summary
+    for guard in ("ptr", "align"):  # each either on with a positive separation, or off
+        separation = cal[guard]["separation"]
+        assert (guard in cal["observe_only"]) == (separation is None or separation <= 0)
+    if "ptr" in cal["observe_only"]:
+        assert document["policy"]["ptr_k_fraction"] == 0.0
+    if "align" in cal["observe_only"]:
+        assert document["policy"]["align_gamma"] == [0.0] * 4
+    start, end = cal["align"]["layers"]
+    assert f"on layers [{start}, {end}); " in result.output  # the report's half-open notation
+    assert f"[{start}, {end})" in summary

@@ -153,6 +153,7 @@ class Manifest:
     guards: dict
     dtype: str = "float32"
     source: str | None = None
+    source_identity: dict | None = None  # digests of the source checkpoint's files
     vlmguard_version: str | None = None
     created_unix: int | None = None
     detector: dict | None = None
@@ -178,6 +179,7 @@ class Manifest:
             "vlmguard_version": self.vlmguard_version,
             "created_unix": self.created_unix,
             "source": self.source,
+            "source_identity": self.source_identity,
             "dtype": self.dtype,
             "model": asdict(self.model),
             "special_tokens": self.special_tokens,
