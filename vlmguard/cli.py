@@ -107,15 +107,19 @@ def _parse_window(text: str | None) -> tuple[int, int] | None:
 @click.option(
     "--ptr-window",
     default=None,
-    help="SafePTR layer window START:END (default 7:9, clipped to the model).",
+    help="SafePTR layer window START:END, within the model's depth (default 7:9, shifted "
+    "to fit a shallower model).",
 )
 @click.option(
     "--oh-layer",
     type=int,
     default=None,
-    help="Oh Defense layer (default 8, clipped; calibration picks it).",
+    help="Oh Defense layer, within the model's depth (default 8, clipped to a shallower "
+    "model; calibration picks it).",
 )
-@click.option("--oh-head", type=int, default=None, help="Oh Defense head (default 2, clipped).")
+@click.option(
+    "--oh-head", type=int, default=None, help="Oh Defense head (default 2, clipped likewise)."
+)
 @click.option(
     "--detector",
     default=None,
