@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -133,6 +134,29 @@ def test_bench_cli_bad_input_is_one_line(args, message):
     assert result.exit_code != 0
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"source": "elsewhere/another-llava"}, "source"),
+        ({"model": {"hidden_size": 128}}, "model shapes"),
+        ({"dtype": "float16"}, "dtype"),
+    ],
+)
+def test_bench_refuses_a_baseline_of_another_model(tiny_setup, tmp_path, change, named):
+    setup = tiny_setup("clip", "llama")
+    foreign = tmp_path / "foreign"
+    shutil.copytree(setup.bundles["plain"], foreign)
+    manifest = json.loads((foreign / "guard_config.json").read_text())
+    for key, value in change.items():
+        manifest[key] = manifest[key] | value if isinstance(value, dict) else value
+    (foreign / "guard_config.json").write_text(json.dumps(manifest))
+    args = ["bench", str(setup.bundles["guarded"]), "--baseline", str(foreign), "--runs", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --baseline ") and result.output.count("\n") == 1
+    assert "not an export of the bundle's model" in result.output and named in result.output
 
 
 def test_roofline_arithmetic(tiny_setup):
