@@ -373,6 +373,9 @@ def bench_command(
         raise click.UsageError("give either a BUNDLE or --model-shape tiny|small")
     if model_shape is not None or vs_torch or vs_genai:
         require_extra("export")  # the reference build and the peers run torch
+        from vlmguard.quiet import quiet_offline_tools
+
+        quiet_offline_tools()  # no "Loading weights" bars under our progress lines
     if plot_out is not None:
         require_extra("plot")  # before the run, not after it
     if workdir is None:

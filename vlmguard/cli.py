@@ -13,6 +13,7 @@ from .cli_support import CommaChoice, providers_option
 from .errors import DEBUG_META, one_line_errors, require_extra
 from .guard_models.quantize import QUANTIZE_MODES
 from .guards import DECODER_GUARDS
+from .quiet import quiet_offline_tools
 
 # `vlmguard --help` lists the commands in two sections, in this order.
 USER_COMMANDS = ("export", "run", "verify", "detect", "demo", "calibrate", "eval", "eval-data")
@@ -69,10 +70,7 @@ def main() -> None:
 def _quiet_transformers() -> None:
     """Check the export extra is installed; silence transformers' bars under our display."""
     require_extra("export")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    quiet_offline_tools()
 
 
 def _parse_window(text: str | None) -> tuple[int, int] | None:
