@@ -33,7 +33,7 @@ GRAPH_FILES = {  # fp32 names; fp16 bundles use the transformers.js suffix, e.g.
 }
 
 
-def _check_output(out: Path, force: bool) -> None:
+def check_output_dir(out: Path, force: bool) -> None:
     """Refuse a non-empty output directory unless the user asked to replace it."""
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a directory")
@@ -75,7 +75,7 @@ def export_bundle(
         raise UsageError(f"--dtype {dtype} is not supported; choose fp32 or fp16")
     float_type = {"fp32": "float32", "fp16": "float16"}[dtype]
     out = Path(out)
-    _check_output(out, force)
+    check_output_dir(out, force)
     source_dir = resolve_source(str(source))
     on_step(f"loading {source_dir}")
     loaded = load_source(source_dir)

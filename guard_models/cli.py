@@ -54,6 +54,7 @@ def detector() -> None:
     default=None,
     help="Directory of images to calibrate qdq (default: synthetic).",
 )
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 @one_line_errors
 def export_command(
     source: str,
@@ -61,16 +62,34 @@ def export_command(
     concepts: Path | None,
     quantize: str,
     calibration_images: Path | None,
+    force: bool,
 ) -> None:
     """Export SOURCE (a CLIP/SigLIP checkpoint, hub id in the cache, or `default`) to ONNX."""
+    import shutil
+    import tempfile
+
     require_extra("export")
+    from vlmguard.export.exporter import check_output_dir  # the bundle export's own refusal
+    from vlmguard.quiet import quiet_offline_tools
 
     parse_quantize(quantize)
     images = _image_files(calibration_images) if calibration_images else None
+    check_output_dir(out_dir, force)  # before any export work, as `vlmguard export`
+    quiet_offline_tools()
     from .detector_export import export_detector, write_detector_dir
 
-    manifest = export_detector(source, out_dir, concepts, quantize, None, images)
-    path = write_detector_dir(manifest, out_dir)
+    # Written into a staging folder renamed into place: a failed export leaves the old one.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        manifest = export_detector(source, staging, concepts, quantize, None, images)
+        write_detector_dir(manifest, staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    path = out_dir / "detector_config.json"
     click.echo(
         f"wrote {path} ({', '.join(manifest['files'])}; "
         f"{len(manifest['concepts'])} concept categories)"

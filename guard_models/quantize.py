@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlmguard.errors import VlmguardError
+from vlmguard.quiet import drop_dependency_advice
 from vlmguard.runtime.detector_variants import FP16, INT8, QDQ
 from vlmguard.runtime.image_preprocess import ImageInput, preprocess_image
 
@@ -93,14 +94,15 @@ def _quantize_int8(source: Path, target: Path, exclude: list[str]) -> None:
     """Dynamic INT8 (MatMulInteger), signed weights: for the CPU provider only."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        source,
-        target,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=TOWER_OPS,
-        nodes_to_exclude=exclude,
-        per_channel=False,
-    )
+    with drop_dependency_advice():  # ORT's pre-processing advice: nothing the user can do
+        quantize_dynamic(
+            source,
+            target,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=TOWER_OPS,
+            nodes_to_exclude=exclude,
+            per_channel=False,
+        )
 
 
 def _quantize_qdq(
@@ -116,20 +118,21 @@ def _quantize_qdq(
     images = list(images) if images is not None else default_calibration_images()
     if not images:
         raise NoCalibrationImagesError("QDQ quantization needs at least one calibration image.")
-    quantize_static(
-        source,
-        target,
-        _ImageReader(images, processor_config),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=TOWER_OPS,
-        nodes_to_exclude=exclude,
-        per_channel=True,
-        calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-        calibration_providers=["CPUExecutionProvider"],
-    )
+    with drop_dependency_advice():
+        quantize_static(
+            source,
+            target,
+            _ImageReader(images, processor_config),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=TOWER_OPS,
+            nodes_to_exclude=exclude,
+            per_channel=True,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            calibration_providers=["CPUExecutionProvider"],
+        )
 
 
 def quantize_variant(

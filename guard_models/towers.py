@@ -138,7 +138,7 @@ def _resolve(source: str) -> Path:
     except Exception:  # noqa: BLE001 - any hub failure means the same thing to the user
         raise CheckpointNotFoundError(
             f"detector checkpoint '{source}' is not a directory and not in the Hugging Face "
-            "cache; download it first (huggingface-cli download) or pass a local path."
+            "cache; download it first (hf download MODEL_ID) or pass a local path."
         ) from None
 
 

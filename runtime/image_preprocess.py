@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,15 @@ def _check_pixels(name: str, width: int, height: int, max_pixels: int | None) ->
         )
 
 
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+(.*)$")  # a scheme of 2+ letters: not C:/
+
+
+def _url(source: str | os.PathLike) -> str | None:
+    """The URL a path argument spells (`https://...`, which pathlib folds to `https:/...`)."""
+    match = _URL.match(os.fspath(source))
+    return f"{match.group(1)}://{match.group(2)}" if match else None
+
+
 def _open_image(
     source: str | os.PathLike | bytes | bytearray, max_pixels: int | None
 ) -> Image.Image:
@@ -107,6 +117,12 @@ def _open_image(
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
+            url = _url(source)
+            if url is not None:
+                raise ImageFileNotFoundError(
+                    f"{url} is a URL: vlmguard does not fetch images; download the image first "
+                    "(e.g. curl -LO URL) and pass the local file."
+                )
             raise ImageFileNotFoundError(f"image not found: {name}; check the path.")
         if not path.is_file():
             raise ImageInputError(f"{name} is not a regular file; pass an image file.")

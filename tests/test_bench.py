@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -80,6 +81,41 @@ def test_the_bench_prompt_has_the_asked_token_count(tiny_setup):
     assert bench_image(40).size == (40, 40)
 
 
+class _CountingTokenizer:
+    """A tokenizer that counts its encodes (and the characters they read)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def encode(self, text, **kwargs):
+        self.calls += 1
+        return self.tokenizer.encode(text, **kwargs)
+
+
+def test_the_bench_prompt_is_built_in_linear_time(tiny_setup):
+    vlm = GuardedVLM.load(tiny_setup("clip", "llama").bundles["plain"])
+    counting = _CountingTokenizer(vlm.prompts.tokenizer)
+    vlm.prompts.tokenizer = counting
+    prompt = bench_prompt(vlm, 5000)
+    assert counting.calls <= 2  # one encode to cut, one to check (bisecting took 26)
+    count = len(counting.tokenizer.encode(prompt, add_special_tokens=False).ids)
+    assert 5000 <= count <= 5003
+    shorter = counting.tokenizer.encode(prompt.rsplit(" ", 1)[0], add_special_tokens=False)
+    assert len(shorter.ids) < 5000  # the fewest whole words
+
+
+def test_a_prompt_past_the_context_is_refused_before_it_is_built(tiny_setup, monkeypatch):
+    import vlmguard.runtime.bench as bench
+
+    def never(*args):
+        raise AssertionError("the prompt was built before the context check")
+
+    monkeypatch.setattr(bench, "bench_prompt", never)
+    settings = BenchSettings(prompt_tokens=100_000, new_tokens=4, runs=1, warmup=0)
+    with pytest.raises(BenchError, match="past the model's context of 512; at most 492"):
+        bench_bundle(tiny_setup("clip", "llama").bundles["plain"], settings)
+
+
 def test_stages_add_up_to_the_end_to_end_time(detector_bundle):
     record = bench_bundle(detector_bundle, FAST)
     for run in ("guarded", "neutral"):
@@ -133,6 +169,29 @@ def test_bench_cli_bad_input_is_one_line(args, message):
     assert result.exit_code != 0
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"source": "elsewhere/another-llava"}, "source"),
+        ({"model": {"hidden_size": 128}}, "model shapes"),
+        ({"dtype": "float16"}, "dtype"),
+    ],
+)
+def test_bench_refuses_a_baseline_of_another_model(tiny_setup, tmp_path, change, named):
+    setup = tiny_setup("clip", "llama")
+    foreign = tmp_path / "foreign"
+    shutil.copytree(setup.bundles["plain"], foreign)
+    manifest = json.loads((foreign / "guard_config.json").read_text())
+    for key, value in change.items():
+        manifest[key] = manifest[key] | value if isinstance(value, dict) else value
+    (foreign / "guard_config.json").write_text(json.dumps(manifest))
+    args = ["bench", str(setup.bundles["guarded"]), "--baseline", str(foreign), "--runs", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: --baseline ") and result.output.count("\n") == 1
+    assert "not an export of the bundle's model" in result.output and named in result.output
 
 
 def test_roofline_arithmetic(tiny_setup):

@@ -81,7 +81,7 @@ def test_detect_heatmap(exported, tmp_path) -> None:
         path = tmp_path / "maps" / f"heat_{index}.png"
         assert record["heatmap"] == str(path)
         with Image.open(path) as image:
-            assert image.size == (448, 448)
+            assert image.width == 448 and image.height > 448  # with title and colour bar
             pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
             assert len(np.unique(pixels, axis=0)) > 16  # an actual picture, not a blank
     single = tmp_path / "one.png"
@@ -170,6 +170,28 @@ def test_detect_reads_a_bundle(exported, detector_bundle, tmp_path) -> None:
     (bundle / "guard_config.json").write_text(json.dumps(plain))
     result = CliRunner().invoke(detect, [str(bundle), image])
     assert result.exit_code == 1 and "without a safety detector" in result.output
+
+
+def test_export_refuses_a_non_empty_out_without_force(exported, tmp_path, caplog) -> None:
+    """As `vlmguard export`: a non-empty --out is refused; --force replaces it, quietly."""
+    import transformers
+
+    out = tmp_path / "det"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    args = ["export", str(exported / "ckpt"), "--out", str(out), "--quantize", "int8"]
+    refused = CliRunner().invoke(detector, args)
+    assert refused.exit_code == 1
+    assert refused.output == f"Error: {out} is not empty; pass --force to replace it\n"
+    assert (out / "keep.txt").read_text() == "precious"
+    transformers.logging.enable_progress_bar()  # as a fresh process has it
+    with caplog.at_level("WARNING"):
+        replaced = CliRunner().invoke(detector, [*args, "--force"])
+    assert replaced.exit_code == 0, replaced.output
+    assert not (out / "keep.txt").exists() and (out / "detector_config.json").is_file()
+    # nothing the user cannot act on: no progress bars, no quantization advice
+    assert replaced.output.count("\n") == 1 and "Loading weights" not in replaced.output
+    assert not [r for r in caplog.records if "pre-processing" in r.getMessage()]
 
 
 def test_export_qdq_with_calibration_images(exported, tmp_path) -> None:

@@ -226,8 +226,9 @@ def test_default_bank_covers_eta_and_mm_safetybench() -> None:
 
 def test_missing_or_wrong_checkpoints_are_rejected(tmp_path) -> None:
     """A missing checkpoint or a non-CLIP model gives a one-line error."""
-    with pytest.raises(CheckpointNotFoundError, match="not a directory"):
+    with pytest.raises(CheckpointNotFoundError, match="not a directory") as err:
         export_detector(str(tmp_path / "nothing-here"), tmp_path / "out", quantize="none")
+    assert "hf download" in str(err.value)  # current hub clients install `hf`, not huggingface-cli
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointNotFoundError, match="config.json"):
         export_detector(str(tmp_path / "empty"), tmp_path / "out", quantize="none")

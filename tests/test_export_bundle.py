@@ -15,10 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from vlmguard import __version__
 from vlmguard.cli import main
-from vlmguard.errors import OutputExistsError, SourceError, UnsupportedModelError
+from vlmguard.errors import OutputExistsError, SourceError, UnsupportedModelError, UsageError
 from vlmguard.export.exporter import export_bundle
 from vlmguard.export.graphs import decoder_io
-from vlmguard.guards import GuardSettings, clip_window, parse_defenses
+from vlmguard.guards import GuardSettings, clip_window, parse_defenses, resolve_settings
 from vlmguard.manifest import read_manifest, sha256_file
 
 
@@ -150,6 +150,18 @@ def test_missing_source_files_are_named(tiny_setup, tmp_path):
         export_bundle(tmp_path / "nowhere", tmp_path / "out")
     with pytest.raises(SourceError, match="Hugging Face cache"):
         export_bundle("someone/not-a-cached-model", tmp_path / "out")
+
+
+def test_an_explicit_window_outside_the_model_is_refused_like_the_oh_layer():
+    guards = frozenset({"ptr", "oh"})
+    assert resolve_settings(guards, 4, 4).ptr_window == (2, 4)  # the default shifts to fit
+    assert resolve_settings(guards, 4, 4, ptr_window=(1, 3)).ptr_window == (1, 3)
+    assert resolve_settings(guards, 4, 4, ptr_window=(0, 4)).ptr_window == (0, 4)
+    for window in ((0, 99), (3, 5), (7, 9)):
+        with pytest.raises(UsageError, match=f"--ptr-window {window[0]}:{window[1]} is outside"):
+            resolve_settings(guards, 4, 4, ptr_window=window)
+    with pytest.raises(UsageError, match="--oh-layer 99 is outside"):
+        resolve_settings(guards, 4, 4, oh_layer=99)
 
 
 def test_non_empty_output_is_refused_without_force(tiny_setup, tmp_path):

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,8 +74,15 @@ def _reference(processor, image) -> np.ndarray:
 @pytest.mark.parametrize("name", sorted(PROCESSORS))
 @pytest.mark.parametrize(
     "mode,size",
-    [("RGB", (640, 480)), ("RGBA", (300, 301)), ("L", (31, 200)), ("P", (257, 64)),
-     ("P-transparent", (100, 100)), ("LA", (50, 90)), ("RGB", (7, 5))],
+    [
+        ("RGB", (640, 480)),
+        ("RGBA", (300, 301)),
+        ("L", (31, 200)),
+        ("P", (257, 64)),
+        ("P-transparent", (100, 100)),
+        ("LA", (50, 90)),
+        ("RGB", (7, 5)),
+    ],
 )
 def test_matches_hf_processor_for_pil_images(name: str, mode: str, size: tuple[int, int]) -> None:
     """PIL inputs of several modes and sizes match the HF processor within 1e-5."""
@@ -140,9 +148,27 @@ def test_corrupt_and_missing_files_give_clear_errors(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
+    "given", ["https://example.com/cat.png", Path("https://example.com/cat.png"), "s3://b/k.jpg"]
+)
+def test_a_url_is_not_fetched_and_says_so(given) -> None:
+    """A URL (pathlib folds its // to /, as click's Path does) is named as a URL, not a path."""
+    config = _config(PROCESSORS["clip-default"]())
+    with pytest.raises(ImageFileNotFoundError, match="is a URL: vlmguard does not fetch") as err:
+        preprocess_image(given, config)
+    assert "://" in str(err.value) and "download the image first" in str(err.value)
+    with pytest.raises(ImageFileNotFoundError, match="image not found"):
+        preprocess_image("C:/no/such/image.png", config)  # a drive letter is not a scheme
+
+
+@pytest.mark.parametrize(
     "bad",
-    [np.zeros((8, 8, 3), dtype=np.float32), np.zeros((8, 8, 2), dtype=np.uint8),
-     np.zeros((2, 8, 8, 3), dtype=np.uint8), 42, Image.new("RGB", (0, 0))],
+    [
+        np.zeros((8, 8, 3), dtype=np.float32),
+        np.zeros((8, 8, 2), dtype=np.uint8),
+        np.zeros((2, 8, 8, 3), dtype=np.uint8),
+        42,
+        Image.new("RGB", (0, 0)),
+    ],
 )
 def test_unsupported_inputs_are_rejected(bad) -> None:
     """Arrays of the wrong dtype/shape, empty images and non-images raise ImageInputError."""

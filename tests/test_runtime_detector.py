@@ -167,3 +167,47 @@ def test_no_guard_means_no_guard_acts(bundle):
     assert float(prefill["ptr_k_fraction"]) == 0.0
     plain = vlm.prompts.encode("What is this?", True)
     assert prefill["attention_mask"].shape[1] == len(plain.input_ids), "no safety prefix"
+
+
+def _heatmap(tmp_path, scores, threshold=0.5):
+    """Render a score map over a white 32 x 32 view; return the PNG as an RGB array."""
+    import numpy as np
+    from PIL import Image
+
+    from vlmguard.runtime.detector_heatmap import render_heatmap
+
+    view = np.full((32, 32, 3), 255, np.uint8)
+    path = render_heatmap(view, np.asarray(scores, np.float32), threshold, tmp_path / "h.png")
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).astype(int)
+
+
+def test_the_heatmap_scale_is_fixed_around_the_threshold_with_a_colour_bar(tmp_path):
+    import numpy as np
+
+    from vlmguard.runtime.detector_heatmap import _RAMP, colorize, scale_scores
+
+    assert scale_scores(np.array([-1.0, 0.0, 0.25, 0.5, 1.0, 3.0]), 0.5).tolist() == [
+        0,
+        0,
+        0.25,
+        0.5,
+        1,
+        1,
+    ]
+    hottest = colorize(np.array([1.0]))[0].astype(int)
+    safe = _heatmap(tmp_path, [[0.10, 0.12], [0.11, 0.14]])  # a safe flower's range
+    unsafe = _heatmap(tmp_path, [[0.10, 0.12], [0.11, 1.40]])
+    assert safe.shape[1] == 448 and safe.shape[0] > 448  # title band and colour bar added
+    band = safe.shape[0] - 448
+
+    def near(pixels, colour, tolerance=80):  # blended 75% over white
+        return (np.abs(pixels - colour).sum(axis=-1) < tolerance).any()
+
+    picture_rows = slice(band // 3, band // 3 + 400)  # inside the picture, whatever the split
+    assert not near(safe[picture_rows], hottest)  # a low maximum is not painted hottest
+    assert near(unsafe[picture_rows], hottest)  # a patch far over the threshold is
+    bar = safe[-band // 2 :]
+    assert near(bar, hottest) and near(bar, _RAMP[0].astype(int))  # the colour bar, both ends
+    title = safe[2:12]  # the title: white text on a dark band, not on the picture
+    assert np.median(title.sum(axis=-1)) < 150 and (title.min(axis=-1) > 200).any()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -45,6 +46,37 @@ def _bandwidth(on_gpu: bool) -> float | None:
         except ImportError:
             measured = None
     return measured
+
+
+def _same_source(a: str | None, b: str | None) -> bool:
+    """Whether two manifests' `source` name one checkpoint (paths compared resolved)."""
+    if a is None or b is None:
+        return a == b
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return os.path.normpath(a) == os.path.normpath(b)
+
+
+def check_baseline(manifest: dict, baseline: Path) -> None:
+    """Refuse a --baseline bundle that is not an export of the same model (shapes, source)."""
+    from vlmguard.errors import UsageError
+    from vlmguard.manifest import read_manifest
+
+    other = read_manifest(baseline)
+    mismatch = [key for key in ("model", "dtype") if manifest.get(key) != other.get(key)]
+    if not _same_source(manifest.get("source"), other.get("source")):
+        mismatch.append("source")
+    if mismatch:
+        detail = {
+            "model": "model shapes",
+            "dtype": f"dtype {other.get('dtype')} vs {manifest.get('dtype')}",
+            "source": f"source {other.get('source')!r} vs {manifest.get('source')!r}",
+        }
+        raise UsageError(
+            f"--baseline {baseline} is not an export of the bundle's model (other "
+            f"{', '.join(detail[key] for key in mismatch)}); export the baseline from the same "
+            "checkpoint: vlmguard export SOURCE --out BASELINE --defenses none"
+        )
 
 
 def run_bench(
@@ -341,6 +373,9 @@ def bench_command(
         raise click.UsageError("give either a BUNDLE or --model-shape tiny|small")
     if model_shape is not None or vs_torch or vs_genai:
         require_extra("export")  # the reference build and the peers run torch
+        from vlmguard.quiet import quiet_offline_tools
+
+        quiet_offline_tools()  # no "Loading weights" bars under our progress lines
     if plot_out is not None:
         require_extra("plot")  # before the run, not after it
     if workdir is None:
@@ -359,6 +394,8 @@ def bench_command(
         bundle, baseline = paths["guarded"], baseline or paths["plain"]
         source = source or str(paths["checkpoint"])
     manifest = read_manifest(bundle)
+    if baseline is not None:
+        check_baseline(manifest, baseline)
     if (vs_torch or vs_genai) and source is None:
         source = manifest.get("source")
         if not source or not Path(source).exists():

@@ -13,6 +13,7 @@ from .cli_support import CommaChoice, providers_option
 from .errors import DEBUG_META, one_line_errors, require_extra
 from .guard_models.quantize import QUANTIZE_MODES
 from .guards import DECODER_GUARDS
+from .quiet import quiet_offline_tools
 
 # `vlmguard --help` lists the commands in two sections, in this order.
 USER_COMMANDS = ("export", "run", "verify", "detect", "demo", "calibrate", "eval", "eval-data")
@@ -69,10 +70,7 @@ def main() -> None:
 def _quiet_transformers() -> None:
     """Check the export extra is installed; silence transformers' bars under our display."""
     require_extra("export")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    quiet_offline_tools()
 
 
 def _parse_window(text: str | None) -> tuple[int, int] | None:
@@ -107,15 +105,19 @@ def _parse_window(text: str | None) -> tuple[int, int] | None:
 @click.option(
     "--ptr-window",
     default=None,
-    help="SafePTR layer window START:END (default 7:9, clipped to the model).",
+    help="SafePTR layer window START:END, within the model's depth (default 7:9, shifted "
+    "to fit a shallower model).",
 )
 @click.option(
     "--oh-layer",
     type=int,
     default=None,
-    help="Oh Defense layer (default 8, clipped; calibration picks it).",
+    help="Oh Defense layer, within the model's depth (default 8, clipped to a shallower "
+    "model; calibration picks it).",
 )
-@click.option("--oh-head", type=int, default=None, help="Oh Defense head (default 2, clipped).")
+@click.option(
+    "--oh-head", type=int, default=None, help="Oh Defense head (default 2, clipped likewise)."
+)
 @click.option(
     "--detector",
     default=None,

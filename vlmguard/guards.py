@@ -243,8 +243,16 @@ def resolve_settings(
 ) -> GuardSettings:
     """Fill in the export-time parts of the chosen guards for a model of this shape."""
     window = None
-    if "ptr" in defenses:
-        window = clip_window(ptr_window or DEFAULT_PTR_WINDOW, num_layers)
+    if "ptr" in defenses and ptr_window is None:  # the default is clipped to a smaller model
+        window = clip_window(DEFAULT_PTR_WINDOW, num_layers)
+    elif "ptr" in defenses:  # the user's window is taken as given, or refused (as --oh-layer)
+        start, end = ptr_window
+        if not 0 <= start < end <= num_layers:
+            raise UsageError(
+                f"--ptr-window {start}:{end} is outside the model's {num_layers} layers "
+                f"(START:END needs 0 <= START < END <= {num_layers})"
+            )
+        window = (start, end)
     layer = head = None
     if "oh" in defenses:
         layer = min(DEFAULT_OH_LAYER, num_layers - 1) if oh_layer is None else oh_layer
