@@ -134,14 +134,14 @@ def calibrate_command(
     if report is not None:
         require_extra("plot")  # before the run, not after it
     import torch
-    import transformers
+
+    from vlmguard.quiet import quiet_offline_tools
 
     from .data import read_samples
     from .policy_writer import apply_to_bundle, write_policy
     from .run import calibrate, check_device
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    quiet_offline_tools()
     check_device(device)
     read_samples(data)  # bad data fails before the model loads (a foreign bundle too: calibrate)
     with torch.no_grad(), _progress_bars() as progress:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmguard.guards import DECODER_GUARDS
+
 from .engine import BundleEngine
 from .families import runtime_family
 from .generation import Generator, TokenStream
@@ -39,7 +41,6 @@ from .sampling import Sampling
 
 __all__ = ["REFUSAL_TEXT", "ContextLengthError", "GuardedVLM", "ModelRunError", "Result"]
 POLICY_FILE = "policy.json"  # a bundle's calibrated policy, if calibration wrote one
-ORDER_RAN = ("ptr", "align", "oh")  # the order in which reports list the decoder guards
 UNGUARDED = "unguarded baseline (--no-guard): every guard input neutral, no guard acts"
 
 
@@ -305,7 +306,7 @@ class GuardedVLM:
     ) -> None:
         """Each carried guard reads its prefill outputs and acts; one that cannot judge fails."""
         for row in live:
-            ran = [d for d in ORDER_RAN if d in self.defenses]
+            ran = [d for d in DECODER_GUARDS if d in self.defenses]
             row.report.guards_ran += [d for d in ran if d not in row.report.guards_ran]
         for stage in self.stages.values():
             try:

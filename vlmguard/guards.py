@@ -161,8 +161,9 @@ OH = GuardSpec(
     side_branch=True,
 )
 
-# In graph order: the decoder's guard inputs and outputs follow this order.
-DECODER_GUARDS: dict[str, GuardSpec] = {g.name: g for g in (OH, PTR, ALIGN)}
+# Graph order: the decoder's guard inputs and outputs follow it (a new guard goes last);
+# guard_config.json lists the carried ones in reverse, as bundles always have.
+DECODER_GUARDS: dict[str, GuardSpec] = {g.name: g for g in (ALIGN, PTR, OH)}
 DETECTOR = "detector"  # the safety detector: its own graph, described by its own record
 GUARD_NAMES = (*DECODER_GUARDS, DETECTOR)
 
@@ -173,28 +174,21 @@ FEEDBACK = {out: into for guard in DECODER_GUARDS.values() for out, into in guar
 def decoder_guard_inputs(settings: GuardSettings, num_layers: int) -> list[TensorSpec]:
     """The decoder's extra guard inputs, in graph order."""
     specs = [GUARD_POSITIONS] if settings.side_branches else []
-    for name in ("align", "ptr"):  # inputs keep the order older bundles have
-        if DECODER_GUARDS[name].carried(settings):
-            specs += DECODER_GUARDS[name].inputs(num_layers)
+    for name in settings.defenses:
+        specs += DECODER_GUARDS[name].inputs(num_layers)
     return specs
 
 
 def decoder_guard_outputs(settings: GuardSettings) -> list[TensorSpec]:
     """The decoder's extra guard outputs, in graph order."""
-    specs: list[TensorSpec] = []
-    for name in ("ptr", "oh"):
-        if DECODER_GUARDS[name].carried(settings):
-            specs += DECODER_GUARDS[name].outputs
-    return specs
+    return [spec for name in settings.defenses for spec in DECODER_GUARDS[name].outputs]
 
 
 def settings_record(settings: GuardSettings, num_layers: int) -> dict:
     """The guard section of guard_config.json: what is baked in and the default strengths."""
-    record: dict = {"defenses": [n for n in ("oh", "ptr", "align") if n in settings.defenses]}
-    for name in ("align", "ptr", "oh"):
-        guard = DECODER_GUARDS[name]
-        if guard.carried(settings):
-            record[name] = guard.record(settings, num_layers)
+    record: dict = {"defenses": settings.defenses[::-1]}
+    for name in settings.defenses:
+        record[name] = DECODER_GUARDS[name].record(settings, num_layers)
     return record
 
 

@@ -53,6 +53,7 @@ class FamilySpec:
     image_token_field: ClassVar[str]  # config field holding the image placeholder token id
     image_token: ClassVar[str] = "<image>"
     position_scheme: ClassVar[str] = "1d"  # position ids = cumsum(attention_mask) - 1
+    rope_sequence_axis: ClassVar[int] = 1  # the sequence axis of the rotary cos/sin tensors
 
     # ------------------------------------------------------------------ parts
 
@@ -100,6 +101,12 @@ class FamilySpec:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ language model
+
+    def position_embeddings(
+        self, rotary: nn.Module, inputs_embeds: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary (cos, sin) for these positions; M-RoPE families take 3-row position ids."""
+        return rotary(inputs_embeds, position_ids)
 
     def layer_windows(self, text_config: object) -> list[int | None]:
         """Each layer's sliding window, or None for full attention."""

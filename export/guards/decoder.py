@@ -153,7 +153,7 @@ class GuardedDecoder(nn.Module):
         seq_len = inputs_embeds.shape[1]
         past_len = past_key_values[0].shape[2]
         cache = _TensorCache(list(zip(past_key_values[0::2], past_key_values[1::2], strict=True)))
-        rope = self.rotary(inputs_embeds, position_ids)
+        rope = self.spec.position_embeddings(self.rotary, inputs_embeds, position_ids)
         allowed = {
             w: allowed_keys(attention_mask, past_len, seq_len, w, self.spec)
             for w in set(self.windows)
@@ -171,7 +171,8 @@ class GuardedDecoder(nn.Module):
                 return x.index_select(dim, key_positions if keys else positions)
 
             step.gather = gather
-            branch_rope = (gather(rope[0], 1), gather(rope[1], 1))
+            axis = self.spec.rope_sequence_axis
+            branch_rope = (gather(rope[0], axis), gather(rope[1], axis))
             branch_allowed = {w: gather(gather(m, 2), 3, True) for w, m in allowed.items()}
 
         for hook in self.hooks:
@@ -195,10 +196,8 @@ class GuardedDecoder(nn.Module):
         outputs: list[torch.Tensor] = [self.lm_head(final)]
         for key, value in cache.present:
             outputs += [key, value]
-        for name in ("ptr", "oh"):  # graph order of the guard outputs
-            for hook in self.hooks:
-                if hook.name == name:
-                    outputs += hook.outputs(step, final, self.norm)
+        for hook in self.hooks:  # in graph order (vlmguard/guards.py)
+            outputs += hook.outputs(step, final, self.norm)
         return tuple(outputs)
 
     def check_guards_reach_attention(self, example: list[torch.Tensor]) -> None:
