@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_every_package_directory_is_listed_in_pyproject():
+    tomllib = pytest.importorskip("tomllib")  # the standard library's from Python 3.11
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(setuptools["packages"])
     found = set()
