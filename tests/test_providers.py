@@ -127,3 +127,15 @@ def test_detect_with_an_explicit_provider_that_cannot_run(cuda_offered_without_d
         main, ["detect", "default", str(image), "--providers", "cuda,cpu", "--json"]
     )
     assert fallback.exit_code == 0, fallback.output
+
+
+def test_a_family_axis_needs_its_range_in_the_graph_record():
+    from vlmguard.errors import BundleError
+
+    tiles = TensorSpec("pixel_values", ("num_tiles", 3, 512, 512), "float32")
+    graph = GraphRecord("onnx/vision_encoder.onnx", (tiles,), ())
+    with pytest.raises(BundleError, match="axis 'num_tiles' with no TensorRT range"):
+        trt_profiles(graph, context=512)
+    ranged = GraphRecord(graph.file, graph.inputs, (), axes={"num_tiles": [1, 5, 17]})
+    profiles = trt_profiles(ranged, context=512)
+    assert profiles["trt_profile_max_shapes"] == "pixel_values:17x3x512x512"
