@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from vlmguard.manifest import Manifest
+
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 
 
@@ -149,24 +151,28 @@ def device_copy_bandwidth(megabytes: int = 1024, repeats: int = 10) -> float | N
     )
 
 
-def decoder_weight_bytes(manifest: dict) -> int:
+def decoder_weight_bytes(manifest: Manifest) -> int:
     """Bytes of the decoder's weights (its graph file and external data) as the manifest lists."""
-    stem = manifest["graphs"]["decoder"]["file"]
-    return sum(r["size"] for name, r in manifest["files"].items() if name.startswith(stem))
+    stem = manifest.graphs["decoder"].file
+    return sum(r["size"] for name, r in manifest.files.items() if name.startswith(stem))
 
 
-def kv_bytes_per_token(manifest: dict, context_tokens: int) -> int:
+def kv_bytes_per_token(manifest: Manifest, context_tokens: int) -> int:
     """Bytes of past keys and values one decode step reads at a given context length."""
     total = 0
-    for spec in manifest["graphs"]["decoder"]["inputs"]:
-        if spec["name"].startswith("past_key_values."):
-            _, heads, _, dim = spec["shape"]
-            total += heads * dim * context_tokens * np.dtype(spec["dtype"]).itemsize
+    for spec in manifest.graphs["decoder"].inputs:
+        if spec.name.startswith("past_key_values."):
+            _, heads, _, dim = spec.dims
+            total += heads * dim * context_tokens * np.dtype(spec.dtype).itemsize
     return total
 
 
 def roofline(
-    manifest: dict, context_tokens: int, tokens_per_s: float, bandwidth: float | None, memory: str
+    manifest: Manifest,
+    context_tokens: int,
+    tokens_per_s: float,
+    bandwidth: float | None,
+    memory: str,
 ) -> dict[str, float | str | None]:
     """Decode tokens/s as a fraction of what memory bandwidth allows (weights + KV per token)."""
     weights = decoder_weight_bytes(manifest)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from vlmguard.cli import main
 from vlmguard.export.bench_peers import language_model_checkpoint, torch_peer
 from vlmguard.export.exporter import export_bundle
-from vlmguard.manifest import read_manifest
+from vlmguard.manifest import Manifest
 from vlmguard.runtime.bench import (
     STAGES,
     BenchError,
@@ -196,14 +196,14 @@ def test_bench_refuses_a_baseline_of_another_model(tiny_setup, tmp_path, change,
 
 def test_roofline_arithmetic(tiny_setup):
     bundle = tiny_setup("clip", "llama").bundles["plain"]
-    manifest = read_manifest(bundle)
-    decoder = manifest["graphs"]["decoder"]["file"]
+    manifest = Manifest.read(bundle)
+    decoder = manifest.graphs["decoder"].file
     on_disk = sum(p.stat().st_size for p in bundle.rglob("*") if p.name.startswith(
         decoder.rsplit("/", 1)[-1]))  # fmt: skip
     assert decoder_weight_bytes(manifest) == on_disk
-    model = manifest["model"]
-    per_layer = 2 * model["num_key_value_heads"] * model["head_dim"] * 4  # K and V, fp32
-    assert kv_bytes_per_token(manifest, 10) == 10 * per_layer * model["num_layers"]
+    model = manifest.model
+    per_layer = 2 * model.num_key_value_heads * model.head_dim * 4  # K and V, fp32
+    assert kv_bytes_per_token(manifest, 10) == 10 * per_layer * model.num_layers
     record = roofline(manifest, 10, 50.0, 1e9, "host")
     ceiling = 1e9 / (on_disk + kv_bytes_per_token(manifest, 10))
     assert record["roofline_tokens_per_s"] == pytest.approx(ceiling)

@@ -10,6 +10,7 @@ import click
 
 from vlmguard.cli_support import providers_option
 from vlmguard.errors import require_extra
+from vlmguard.manifest import Manifest
 
 BENCH_SCHEMA = 1
 
@@ -57,20 +58,19 @@ def _same_source(a: str | None, b: str | None) -> bool:
     return os.path.normpath(a) == os.path.normpath(b)
 
 
-def check_baseline(manifest: dict, baseline: Path) -> None:
+def check_baseline(manifest: Manifest, baseline: Path) -> None:
     """Refuse a --baseline bundle that is not an export of the same model (shapes, source)."""
     from vlmguard.errors import UsageError
-    from vlmguard.manifest import read_manifest
 
-    other = read_manifest(baseline)
-    mismatch = [key for key in ("model", "dtype") if manifest.get(key) != other.get(key)]
-    if not _same_source(manifest.get("source"), other.get("source")):
+    other = Manifest.read(baseline)
+    mismatch = [key for key in ("model", "dtype") if getattr(manifest, key) != getattr(other, key)]
+    if not _same_source(manifest.source, other.source):
         mismatch.append("source")
     if mismatch:
         detail = {
             "model": "model shapes",
-            "dtype": f"dtype {other.get('dtype')} vs {manifest.get('dtype')}",
-            "source": f"source {other.get('source')!r} vs {manifest.get('source')!r}",
+            "dtype": f"dtype {other.dtype} vs {manifest.dtype}",
+            "source": f"source {other.source!r} vs {manifest.source!r}",
         }
         raise UsageError(
             f"--baseline {baseline} is not an export of the bundle's model (other "
@@ -121,7 +121,7 @@ def run_bench(
     on_gpu = result["providers_used"]["decoder"][0] != "CPUExecutionProvider"
     record["memory"] = {"peak_host_mib": peak_host_mib(), "device_mib": device_memory_mib()}
     on_step("measuring memory bandwidth for the roofline")
-    manifest = json.loads((bundle / "guard_config.json").read_text())
+    manifest = Manifest.read(bundle)
     context = result["prefill_tokens"] + settings.new_tokens // 2
     record["roofline"] = roofline(
         manifest, context, guarded["decode_tokens_per_s"], _bandwidth(on_gpu),
@@ -360,7 +360,6 @@ def bench_command(
     from rich.console import Console
 
     from vlmguard.errors import VlmguardError
-    from vlmguard.manifest import read_manifest
     from vlmguard.runtime.bench import BenchSettings
     from vlmguard.runtime.policy import GuardPolicy
 
@@ -393,11 +392,11 @@ def bench_command(
         paths = build_reference(model_shape, workdir, lambda step: console.print(f"· {step}"))
         bundle, baseline = paths["guarded"], baseline or paths["plain"]
         source = source or str(paths["checkpoint"])
-    manifest = read_manifest(bundle)
+    manifest = Manifest.read(bundle)
     if baseline is not None:
         check_baseline(manifest, baseline)
     if (vs_torch or vs_genai) and source is None:
-        source = manifest.get("source")
+        source = manifest.source
         if not source or not Path(source).exists():
             raise VlmguardError(
                 f"the peers need the checkpoint the bundle came from ({source!r} is not here): "
