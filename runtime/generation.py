@@ -33,11 +33,9 @@ class Generator:
         stages: dict[str, DecoderGuardStage],
         rule: FailRule,
         vocab_size: int | None,
-        check_guards: bool = True,
     ) -> None:
         self.engine, self.prompts, self.family = engine, prompts, family
         self.stages, self.rule, self.vocab_size = stages, rule, vocab_size
-        self.check_guards = check_guards  # False: the unguarded baseline, nothing to check
 
     def last_logits(self, batch: Batch, outputs: dict[str, np.ndarray], stage: str) -> np.ndarray:
         """The last position's logits [B, V]; live requests with unusable logits are refused."""
@@ -128,7 +126,7 @@ class Generator:
                 reason = f"a decode step failed: {first_line(err)}"
                 self.rule.model_failed(batch.live(), "decode", reason, err)
                 break
-            for stage in self.stages.values() if self.check_guards else ():
+            for stage in self.stages.values() if self.rule.policy.guarded else ():
                 stage.after_step(batch, before, state)
             logits = self.last_logits(batch, outputs, "decode")
             elapsed = (time.perf_counter() - started) * 1e3

@@ -61,11 +61,11 @@ class GuardedVLM:
         self.defenses = self.manifest.defenses
         self.context = self.manifest.model.max_position_embeddings
         self.rule = FailRule(policy, guarded=bool(self.defenses) and policy.guarded)
-        self.stages = decoder_stages(self.defenses, engine, policy, self.rule, self._gamma())
+        self.stages = decoder_stages(self.defenses, policy, self.rule, self._gamma())
         logits = self.manifest.graphs["decoder"].output("logits")
         vocab_size = logits.dims[-1] if logits else None  # checked on every step's logits
         self.generator = Generator(
-            engine, self.prompts, self.family, self.stages, self.rule, vocab_size, policy.guarded
+            engine, self.prompts, self.family, self.stages, self.rule, vocab_size
         )
         carried = self.manifest.detector is not None and policy.guarded  # unguarded: not loaded
         self.detector = load_detector(engine, policy) if carried else None

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from vlmguard.errors import VlmguardError
+from vlmguard.guards import GUARD_NAMES
 from vlmguard.manifest import Manifest
 
 OH_SAFETY_INSTRUCTION = (  # [code] Oh Defense prepends a safety instruction to the user text
@@ -86,11 +87,11 @@ class GuardPolicy:
             )
         if not (isinstance(self.require, list) and all(isinstance(g, str) for g in self.require)):
             raise PolicyError(f"require must be a list of guard names, not {_shown(self.require)}")
-        unknown = sorted(set(self.require) - {"oh", "ptr", "align", "detector"})
+        unknown = sorted(set(self.require) - set(GUARD_NAMES))
         if unknown:
             named = ", ".join(_shown(guard, 30) for guard in unknown)
             raise PolicyError(
-                f"cannot require unknown guard(s) {named}; known: oh, ptr, align, detector"
+                f"cannot require unknown guard(s) {named}; known: {', '.join(GUARD_NAMES)}"
             )
         for name in ("fail_open", "guarded"):
             if not isinstance(getattr(self, name), bool):

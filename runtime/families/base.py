@@ -26,7 +26,6 @@ class RuntimeFamily:
 
     def __init__(self, bundle: Path, manifest: Manifest) -> None:
         self.bundle = Path(bundle)
-        self.manifest = manifest
         self.image_token_id = manifest.model.image.token_id
         self.tokens_per_image = manifest.model.image.tokens_per_image
         scheme = manifest.model.position_scheme

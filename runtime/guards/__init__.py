@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..engine import BundleEngine
 from ..policy import GuardPolicy
 from .align import AlignStage
 from .base import DecoderGuardStage, FailRule
@@ -15,14 +14,14 @@ __all__ = ["DecoderGuardStage", "FailRule", "decoder_stages"]
 
 
 def decoder_stages(
-    defenses: set[str], engine: BundleEngine, policy: GuardPolicy, rule: FailRule, gamma: np.ndarray
+    defenses: set[str], policy: GuardPolicy, rule: FailRule, gamma: np.ndarray
 ) -> dict[str, DecoderGuardStage]:
     """The stages of the guards a bundle's decoder carries, in the order they act."""
     stages: dict[str, DecoderGuardStage] = {}
     if "align" in defenses:
-        stages["align"] = AlignStage(engine, policy, rule, gamma=gamma)
+        stages["align"] = AlignStage(policy, rule, gamma=gamma)
     if "ptr" in defenses:
-        stages["ptr"] = PtrStage(engine, policy, rule)
+        stages["ptr"] = PtrStage(policy, rule)
     if "oh" in defenses:
-        stages["oh"] = OhStage(engine, policy, rule)
+        stages["oh"] = OhStage(policy, rule)
     return stages

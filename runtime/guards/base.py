@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..engine import BundleEngine, DecoderState
+from ..engine import DecoderState
 from ..policy import GuardPolicy
 from ..prompting import EncodedPrompt
 from ..request import Batch, ModelRunError, Request
@@ -71,8 +71,8 @@ class DecoderGuardStage:
 
     name: ClassVar[str]
 
-    def __init__(self, engine: BundleEngine, policy: GuardPolicy, rule: FailRule) -> None:
-        self.engine, self.policy, self.rule = engine, policy, rule
+    def __init__(self, policy: GuardPolicy, rule: FailRule) -> None:
+        self.policy, self.rule = policy, rule
 
     def prefill_feeds(self, rows: list[Request], layout: PrefillLayout) -> dict[str, np.ndarray]:
         """The guard's inputs for a prefill."""
