@@ -21,6 +21,7 @@ from vlmguard.export.onnx_io import convert_to_fp16, export_onnx
 from vlmguard.export.source import load_source, resolve_source, source_identity
 from vlmguard.guards import GuardSettings, settings_record
 from vlmguard.manifest import MANIFEST_NAME, Manifest, write_manifest
+from vlmguard.staging import staged_directory
 
 POLICY_FILE = "policy.json"  # the runtime's GuardedVLM.load reads it from a bundle
 
@@ -108,43 +109,24 @@ def reexport_decoder(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def stage_copy(bundle: Path, leave_out: set[str]) -> Path:
-    """A staging copy of `bundle` beside it: hard links (or copies) of all but `leave_out`.
+def link_copy(bundle: Path, staging: Path, leave_out: set[str]) -> None:
+    """Fill `staging` with hard links (or copies) of every file of `bundle` but `leave_out`.
 
     Files the calibration rewrites are left out or unlinked before they are written, so
     writing the copy never writes through a link into the bundle.
     """
-    staging = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.calibration.", dir=bundle.parent))
-    try:
-        staging.chmod(bundle.stat().st_mode & 0o7777)
-        for path in sorted(bundle.rglob("*")):
-            relative = path.relative_to(bundle)
-            copy = staging / relative
-            if path.is_dir() and not path.is_symlink():
-                copy.mkdir()
-                copy.chmod(path.stat().st_mode & 0o7777)
-            elif relative.as_posix() not in leave_out:
-                try:
-                    os.link(path, copy, follow_symlinks=False)
-                except OSError:  # no hard links on this file system
-                    shutil.copy2(path, copy, follow_symlinks=False)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return staging
-
-
-def swap_in(staging: Path, bundle: Path) -> None:
-    """Replace `bundle` by `staging` (two renames); on failure the bundle is put back."""
-    previous = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.previous.", dir=bundle.parent))
-    previous.rmdir()  # only its unique name is wanted
-    bundle.rename(previous)
-    try:
-        staging.rename(bundle)
-    except BaseException:
-        previous.rename(bundle)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
+    staging.chmod(bundle.stat().st_mode & 0o7777)
+    for path in sorted(bundle.rglob("*")):
+        relative = path.relative_to(bundle)
+        copy = staging / relative
+        if path.is_dir() and not path.is_symlink():
+            copy.mkdir()
+            copy.chmod(path.stat().st_mode & 0o7777)
+        elif relative.as_posix() not in leave_out:
+            try:
+                os.link(path, copy, follow_symlinks=False)
+            except OSError:  # no hard links on this file system
+                shutil.copy2(path, copy, follow_symlinks=False)
 
 
 def apply_to_bundle(
@@ -193,15 +175,12 @@ def apply_to_bundle(
     }
     manifest = replace(manifest, guards=guards, calibration=calibration, files={})
     target = bundle.resolve()
-    staging = stage_copy(target, {MANIFEST_NAME, POLICY_FILE})
-    try:
+    with staged_directory(target) as staging:
+        link_copy(target, staging, {MANIFEST_NAME, POLICY_FILE})
         if changed:
             on_step("re-exporting the decoder with the calibrated head and window")
             reexport_decoder(source, staging, manifest, settings)
         write_policy(staging / POLICY_FILE, document).chmod(0o644)
         on_step("rehashing guard_config.json")
         write_manifest(staging, manifest.to_json()).chmod(0o644)
-        swap_in(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return changed

@@ -8,8 +8,6 @@ and renames it into place at the end, so a failed export leaves nothing half-wri
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -19,6 +17,7 @@ from vlmguard import __version__
 from vlmguard.errors import OutputExistsError, UsageError
 from vlmguard.guards import GuardSettings, TensorSpec, resolve_settings, settings_record
 from vlmguard.manifest import GraphRecord, Manifest, write_manifest
+from vlmguard.staging import staged_directory
 
 from .families import family_for
 from .graphs import GraphPlan, decoder_plan, embed_plan, vision_plan
@@ -90,9 +89,7 @@ def export_bundle(
         if settings.ptr
         else None
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         graphs = {}
         plans = {
             "vision_encoder": lambda: vision_plan(spec, loaded.model),
@@ -132,9 +129,4 @@ def export_bundle(
         write_manifest(staging, manifest.to_json())
         for path in [staging, *staging.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out

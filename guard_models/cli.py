@@ -15,6 +15,7 @@ import click
 
 from vlmguard.cli_support import CommaChoice, providers_option
 from vlmguard.errors import InputNotFoundError, one_line_errors, require_extra
+from vlmguard.staging import staged_directory
 
 from .quantize import QUANTIZE_MODES, parse_quantize
 
@@ -65,8 +66,6 @@ def export_command(
     force: bool,
 ) -> None:
     """Export SOURCE (a CLIP/SigLIP checkpoint, hub id in the cache, or `default`) to ONNX."""
-    import shutil
-    import tempfile
 
     require_extra("export")
     from vlmguard.export.exporter import check_output_dir  # the bundle export's own refusal
@@ -78,17 +77,9 @@ def export_command(
     quiet_offline_tools()
     from .detector_export import export_detector, write_detector_dir
 
-    # Written into a staging folder renamed into place: a failed export leaves the old one.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:  # a failed export leaves the old one
         manifest = export_detector(source, staging, concepts, quantize, None, images)
         write_detector_dir(manifest, staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     path = out_dir / "detector_config.json"
     click.echo(
         f"wrote {path} ({', '.join(manifest['files'])}; "
